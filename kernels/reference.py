@@ -1,0 +1,160 @@
+"""Plain PyTorch prefix attention: the slow twin of the fused kernel (spec LPI.md sections 3, 7).
+
+Each row b attends over its task's prefix keys followed by its own tokens:
+
+    out[b] = softmax([q K_p^T , q k^T] / sqrt(d) + mask) @ [V_p ; v]
+
+with K_p = U_K[slot] @ M_K[slot] split into heads (V_p likewise). The prefix is always visible;
+the causal mask and the key padding apply among the tokens only. Slot -1 means no prefix.
+
+Dimensions: B rows, H heads, T tokens, d head size, N prefix tokens, R the pool's padded rank
+R', S pool slots. Training calls `attention_with_prefix` (differentiable, prefixes already
+materialised); serving calls `prefix_attention` with pool slots.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def prefix_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    task_slot: Tensor,
+    U_K: Tensor,
+    M_K: Tensor,
+    U_V: Tensor,
+    M_V: Tensor,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """Gather each row's factors, materialise K_p and V_p, and run SDPA over [prefix; tokens]."""
+    check_prefix_inputs(q, k, v, task_slot, U_K, M_K, U_V, M_V, key_padding_mask)
+    heads = q.shape[1]
+    index = task_slot.clamp(min=0).long()  # [B]; rows with slot -1 are masked out below
+    prefix_k = materialise_prefix(U_K, M_K, index, heads)  # [B, H, N, d]
+    prefix_v = materialise_prefix(U_V, M_V, index, heads)
+    return attention_with_prefix(
+        q, k, v, prefix_k, prefix_v, task_slot >= 0, causal, key_padding_mask
+    )
+
+
+def materialise_prefix(U: Tensor, M: Tensor, index: Tensor, heads: int) -> Tensor:
+    """K_p = U @ M for each row's slot, split into heads: [S, N, R], [S, R, H*d] -> [B, H, N, d]."""
+    prefix = torch.bmm(U[index], M[index])  # [B, N, H*d]
+    rows, tokens, width = prefix.shape
+    return prefix.view(rows, tokens, heads, width // heads).transpose(1, 2)
+
+
+def attention_with_prefix(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor | None = None,
+    prefix_v: Tensor | None = None,
+    prefix_active: Tensor | None = None,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """Attention of q over [prefix_k; k] with materialised per-row prefixes; differentiable.
+
+    prefix_k, prefix_v: [B, H, N, d] or None (no prefix at all); prefix_active: [B] bool, False
+    hides a row's prefix (None: every row active); key_padding_mask: [B, T] bool, True = real.
+    A query that can see no key at all gets zeros rather than NaN.
+    """
+    if (prefix_k is None) != (prefix_v is None):
+        raise ValueError("prefix_k and prefix_v must be given together")
+    if prefix_k is not None:
+        k = torch.cat([prefix_k, k], dim=2)  # [B, H, N + T, d]
+        v = torch.cat([prefix_v, v], dim=2)
+    prefix_len = 0 if prefix_k is None else prefix_k.shape[2]
+    mask = visibility_mask(q, prefix_len, prefix_active, causal, key_padding_mask)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, d]
+    if mask is None:
+        return out
+    return out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+
+
+def visibility_mask(
+    q: Tensor,
+    prefix_len: int,
+    prefix_active: Tensor | None,
+    causal: bool,
+    key_padding_mask: Tensor | None,
+) -> Tensor | None:
+    """Boolean mask [B, 1, T, N + T] (True = may attend), or None when every key is visible."""
+    rows, _, tokens, _ = q.shape
+    if prefix_active is None and not causal and key_padding_mask is None:
+        return None
+    seen = torch.ones(rows, tokens, tokens, dtype=torch.bool, device=q.device)  # [B, T, T]
+    if key_padding_mask is not None:
+        seen = seen & key_padding_mask[:, None, :].to(torch.bool)
+    if causal:
+        seen = seen & torch.ones_like(seen[0]).tril()
+    active = torch.ones(rows, dtype=torch.bool, device=q.device)
+    if prefix_active is not None:
+        active = prefix_active.to(device=q.device, dtype=torch.bool)
+    prefix = active[:, None, None].expand(rows, tokens, prefix_len)  # [B, T, N]
+    return torch.cat([prefix, seen], dim=-1)[:, None]  # [B, 1, T, N + T]
+
+
+def check_prefix_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    task_slot: Tensor,
+    U_K: Tensor,
+    M_K: Tensor,
+    U_V: Tensor,
+    M_V: Tensor,
+    key_padding_mask: Tensor | None,
+) -> None:
+    """Refuse mismatched shapes, dtypes and devices with a message naming the argument."""
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k, v must share one [B, H, T, d] shape; got {_shapes(q=q, k=k, v=v)}"
+        )
+    rows, heads, tokens, head_dim = q.shape
+    if q.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"q dtype must be one of {FLOAT_DTYPES}, got {q.dtype}")
+    named = {"k": k, "v": v, "U_K": U_K, "M_K": M_K, "U_V": U_V, "M_V": M_V}
+    for name, tensor in named.items():
+        if tensor.dtype != q.dtype:
+            raise ValueError(f"{name} dtype {tensor.dtype} differs from q dtype {q.dtype}")
+        if tensor.device != q.device:
+            raise ValueError(f"{name} is on {tensor.device}, q on {q.device}")
+    if task_slot.shape != (rows,) or task_slot.dtype != torch.int32:
+        raise ValueError(
+            f"task_slot must be int32 [B={rows}], got {task_slot.dtype} {tuple(task_slot.shape)}"
+        )
+    if task_slot.device != q.device:
+        raise ValueError(f"task_slot is on {task_slot.device}, q on {q.device}")
+    _check_pool(U_K, M_K, U_V, M_V, heads * head_dim)
+    if key_padding_mask is not None and (
+        key_padding_mask.shape != (rows, tokens) or key_padding_mask.dtype != torch.bool
+    ):
+        raise ValueError(
+            f"key_padding_mask must be bool [B={rows}, T={tokens}], "
+            f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+        )
+
+
+def _check_pool(U_K: Tensor, M_K: Tensor, U_V: Tensor, M_V: Tensor, width: int) -> None:
+    """U_K, U_V: [S, N, R]; M_K, M_V: [S, R, H*d]."""
+    if U_K.dim() != 3 or U_V.shape != U_K.shape:
+        raise ValueError(f"U_K, U_V must share one [S, N, R'] shape; got {_shapes(U_K=U_K, U_V=U_V)}")
+    slots, _, rank = U_K.shape
+    expected = (slots, rank, width)
+    if M_K.shape != expected or M_V.shape != expected:
+        raise ValueError(
+            f"M_K, M_V must be [S, R', H*d] = {expected}; got {_shapes(M_K=M_K, M_V=M_V)}"
+        )
+
+
+def _shapes(**tensors: Tensor) -> str:
+    return ", ".join(f"{name} {tuple(t.shape)}" for name, t in tensors.items())

@@ -1,0 +1,101 @@
+"""The LPI training losses (spec section 4), as plain functions of tensors.
+
+    L = L_clip + 0.1 * L_layer + 0.1 * [k >= 1] * L_task
+
+Dimensions: B batch, E embedding, J layers, N prompt tokens, D width, K tasks seen so far.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LAYER_WEIGHT = 0.1
+TASK_WEIGHT = 0.1
+LAYER_SCALE = 100.0
+TASK_TAU = 0.05
+
+
+def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
+    """Symmetric InfoNCE over the batch; features [B, E] unit-norm, scale the frozen log-scale."""
+    logits = logit_scale.exp() * image_features @ text_features.T  # [B, B]
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def layer_contrast_loss(prompts_v: Tensor, prompts_t: Tensor) -> Tensor:
+    """Hierarchical low-rank contrast: image layer j must match text layer j and no other.
+
+    z_m[j] = mean over D of P'_m[j] (a vector of N), L2-normalised; G = 100 Z_v Z_t^T.
+    """
+    z_v = F.normalize(prompts_v.mean(dim=-1), dim=-1)  # [J, N]
+    z_t = F.normalize(prompts_t.mean(dim=-1), dim=-1)
+    logits = LAYER_SCALE * z_v @ z_t.T  # [J, J]
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def task_similarity(description_features: Tensor) -> Tensor:
+    """S [K, K]: cosines between frozen text features of the tasks' descriptions [K, E]."""
+    unit = F.normalize(description_features, dim=-1)
+    return unit @ unit.T
+
+
+def task_targets(similarity: Tensor, threshold: float | None = None) -> Tensor:
+    """Y = S > threshold (default: median off-diagonal similarity), diagonal positive."""
+    count = similarity.shape[0]
+    eye = torch.eye(count, dtype=torch.bool, device=similarity.device)
+    if threshold is None:
+        off_diagonal = similarity[~eye]
+        threshold = float(off_diagonal.median()) if off_diagonal.numel() else 0.0
+    return (similarity > threshold) | eye
+
+
+def _balanced_bce(probabilities: Tensor, targets: Tensor) -> Tensor:
+    """Per row: half the mean BCE over positives plus half over negatives (if any)."""
+    losses = F.binary_cross_entropy(probabilities, targets.float(), reduction="none")  # [K, K]
+    positives, negatives = targets.float(), (~targets).float()
+    pos_mean = (losses * positives).sum(1) / positives.sum(1).clamp_min(1)
+    neg_mean = (losses * negatives).sum(1) / negatives.sum(1).clamp_min(1)
+    has_neg = negatives.sum(1) > 0
+    row = torch.where(has_neg, 0.5 * (pos_mean + neg_mean), pos_mean)
+    return row.mean()
+
+
+def task_constraint_loss(
+    task_prompts_v: Tensor,  # [K, J*N*D_v] flattened P'_v of tasks 0..k
+    task_prompts_t: Tensor,  # [K, J*N*D_t]
+    targets: Tensor,  # [K, K] bool
+    tau: float = TASK_TAU,
+) -> Tensor:
+    """Class-balanced BCE of sigmoid(cos(prompts_i, prompts_j) / tau) against Y, per modality.
+
+    The caller passes earlier tasks' prompts detached, so only the current task learns.
+    """
+    total = task_prompts_v.new_zeros(())
+    for flat in (task_prompts_v, task_prompts_t):
+        unit = F.normalize(flat, dim=-1)
+        probabilities = torch.sigmoid(unit @ unit.T / tau).clamp(1e-6, 1 - 1e-6)
+        total = total + _balanced_bce(probabilities, targets)
+    return total / 2
+
+
+def lpi_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    prompts_v: Tensor,
+    prompts_t: Tensor,
+    task_loss: Tensor | None = None,
+    use_layer_loss: bool = True,
+) -> dict[str, Tensor]:
+    """The total and its parts; `task_loss` is None for the first task (k = 0)."""
+    parts = {"clip": clip_loss(image_features, text_features, logit_scale)}
+    if use_layer_loss:
+        parts["layer"] = layer_contrast_loss(prompts_v, prompts_t)
+    if task_loss is not None:
+        parts["task"] = task_loss
+    total = parts["clip"] + LAYER_WEIGHT * parts.get("layer", 0.0)
+    parts["total"] = total + TASK_WEIGHT * parts.get("task", 0.0)
+    return parts

@@ -1,0 +1,128 @@
+"""Per-layer prefix keys and values: how a task's prompts reach a tower's attention (spec s. 3).
+
+A task's whole effect on an encoder is, at each prompted layer j < J, N extra key/value rows
+that every real token attends to. They depend on the task alone, so they are computed once per
+task and gathered per row, which lets one batch mix rows of many tasks (and rows of none).
+
+Dimensions: J prompted layers, B rows, N prompt tokens, D tower width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LayerPrefix:
+    """One layer's prefix for a batch: materialised keys/values per row."""
+
+    keys: Tensor  # [B, N, D]
+    values: Tensor  # [B, N, D]
+    active: Tensor | None  # [B] bool, rows that carry a task; None: every row
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """The prefix of every prompted layer of one tower, for the rows of one batch."""
+
+    keys: Tensor  # [J, B, N, D]
+    values: Tensor  # [J, B, N, D]
+    active: Tensor | None = None  # [B] bool; None: every row carries a task
+
+    def __post_init__(self) -> None:
+        if self.keys.shape != self.values.shape or self.keys.dim() != 4:
+            raise ValueError(
+                "prefix keys and values must both be [J, B, N, D], got "
+                f"{tuple(self.keys.shape)} and {tuple(self.values.shape)}"
+            )
+        if self.active is not None and self.active.shape != (self.keys.shape[1],):
+            raise ValueError(
+                f"prefix.active must be [B={self.keys.shape[1]}], got {tuple(self.active.shape)}"
+            )
+
+    @property
+    def layers(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def batch(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.keys.shape[3]
+
+    def layer(self, index: int) -> LayerPrefix | None:
+        """The prefix of layer `index`, or None past the last prompted layer."""
+        if index >= self.layers:
+            return None
+        return LayerPrefix(self.keys[index], self.values[index], self.active)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        active = None if self.active is None else self.active.to(device)
+        return Prefix(self.keys.to(device, dtype), self.values.to(device, dtype), active)
+
+
+def gather_prefix(
+    task_keys: Tensor,  # [S, J, N, D] per-task prefix keys
+    task_values: Tensor,  # [S, J, N, D]
+    rows: Tensor,  # [B] long, the row's task index into S; -1 for no task
+) -> Prefix:
+    """Per-row prefix from per-task keys/values: the reference path for mixed-task batches."""
+    active = rows >= 0
+    index = rows.clamp(min=0)
+    keys = task_keys[index].transpose(0, 1)  # [J, B, N, D]
+    values = task_values[index].transpose(0, 1)
+    if bool(active.all()):
+        return Prefix(keys, values, None)
+    # Inactive rows get zeros as well as a mask, so no stale task data can leak into them.
+    keep = active.view(1, -1, 1, 1).to(keys.dtype)
+    return Prefix(keys * keep, values * keep, active)
+
+
+@dataclass(frozen=True)
+class TaskPrefix:
+    """A task's prefix keys and values for both towers, each [J, N, D_m]."""
+
+    image_keys: Tensor
+    image_values: Tensor
+    text_keys: Tensor
+    text_values: Tensor
+
+
+def tower_prefix(blocks, prompts: Tensor) -> tuple[Tensor, Tensor]:
+    """K_p[j] = LN1_j(P'[j]) W_k[j] + b_k[j] (and V_p) for j < J: [J, N, D] -> 2 x [J, N, D]."""
+    pairs = [blocks[j].prefix_keys_values(prompts[j]) for j in range(prompts.shape[0])]
+    return torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
+
+
+def task_prefix(backbone, prompts_v: Tensor, prompts_t: Tensor) -> TaskPrefix:
+    """The reference path from a task's prompts P'_v, P'_t to its prefix keys and values."""
+    image_keys, image_values = tower_prefix(backbone.blocks("v"), prompts_v)
+    text_keys, text_values = tower_prefix(backbone.blocks("t"), prompts_t)
+    return TaskPrefix(image_keys, image_values, text_keys, text_values)
+
+
+def batch_prefix(tasks: list[TaskPrefix], rows: Tensor) -> tuple[Prefix, Prefix]:
+    """Image and text prefixes for a batch whose row b belongs to tasks[rows[b]] (-1: none)."""
+    if not tasks:
+        raise ValueError("batch_prefix needs at least one task")
+    shapes = {(t.image_keys.shape, t.text_keys.shape) for t in tasks}
+    if len(shapes) > 1:
+        raise ValueError(f"tasks in one batch must share J and N; got shapes {sorted(shapes)}")
+    if int(rows.max()) >= len(tasks) or int(rows.min()) < -1:
+        raise ValueError(f"rows must lie in [-1, {len(tasks)}), got {rows.tolist()}")
+    image = gather_prefix(
+        torch.stack([t.image_keys for t in tasks]),
+        torch.stack([t.image_values for t in tasks]),
+        rows,
+    )
+    text = gather_prefix(
+        torch.stack([t.text_keys for t in tasks]),
+        torch.stack([t.text_values for t in tasks]),
+        rows,
+    )
+    return image, text

@@ -1,0 +1,91 @@
+"""One task's deep prompts as low-rank CP factors, with the cross-modal interaction (spec s. 2).
+
+    P_m[j] = (1/R) * B_m @ diag(A[j]) @ C_m.T             # N x D_m, m in {v, t}
+
+`A` (J x R) is shared by both modalities; `B_m` (N x R) and `C_m` (D_m x R) are specific to
+each. Dimensions: J prompted layers, N prompt tokens, R rank, D_v / D_t tower widths.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lpi.config import PromptConfig
+from lpi.interaction import PromptInteraction
+from lpi.prefix import Prefix, batch_prefix, task_prefix
+
+
+def cp_prompts(layer: Tensor, token: Tensor, embed: Tensor) -> Tensor:
+    """(1/R) sum_r A[j,r] B[n,r] C[d,r]: [J,R], [N,R], [D,R] -> [J, N, D]."""
+    return torch.einsum("jr,nr,dr->jnd", layer, token, embed) / layer.shape[1]
+
+
+class TaskPrompts(nn.Module):
+    """The trainable parameters of one task: five factors and, optionally, the interaction."""
+
+    def __init__(self, config: PromptConfig, vision_width: int, text_width: int):
+        super().__init__()
+        self.config = config
+        self.vision_width, self.text_width = vision_width, text_width
+        J, N, R = config.layers, config.tokens, config.rank
+        self.A = nn.Parameter(torch.randn(J, R) * config.init_std)  # shared layer factor
+        self.B_v = nn.Parameter(torch.randn(N, R) * config.init_std)  # token factors
+        self.B_t = nn.Parameter(torch.randn(N, R) * config.init_std)
+        self.C_v = nn.Parameter(torch.randn(vision_width, R) * config.init_std)  # embedding
+        self.C_t = nn.Parameter(torch.randn(text_width, R) * config.init_std)
+        self.interaction = (
+            PromptInteraction(J, vision_width, text_width, config.interaction_rank, config.alpha)
+            if config.interaction
+            else None
+        )
+
+    @classmethod
+    def for_backbone(cls, config: PromptConfig, backbone) -> TaskPrompts:
+        config.check_fits(backbone.config)
+        return cls(config, backbone.config.vision.width, backbone.config.text.width)
+
+    def raw_prompts(self) -> tuple[Tensor, Tensor]:
+        """P_v [J, N, D_v] and P_t [J, N, D_t] before the interaction."""
+        return cp_prompts(self.A, self.B_v, self.C_v), cp_prompts(self.A, self.B_t, self.C_t)
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        """P'_v [J, N, D_v] and P'_t [J, N, D_t]: the prompts the encoders see."""
+        prompts_v, prompts_t = self.raw_prompts()
+        if self.interaction is None:
+            return prompts_v, prompts_t
+        return self.interaction(prompts_v, prompts_t)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class PromptBank(nn.Module):
+    """Every task's prompts by name; builds the prefixes of a batch that mixes tasks."""
+
+    def __init__(self):
+        super().__init__()
+        self.tasks = nn.ModuleDict()
+
+    def add(self, name: str, prompts: TaskPrompts) -> None:
+        if name in self.tasks:
+            raise ValueError(f"task {name!r} is already in the bank")
+        self.tasks[name] = prompts
+
+    def names(self) -> list[str]:
+        return list(self.tasks.keys())
+
+    def prefixes(self, backbone, row_tasks: list[str | None]) -> tuple[Prefix, Prefix]:
+        """Image and text prefixes for rows naming their task (None: the bare backbone)."""
+        if len(row_tasks) == 0:
+            raise ValueError("row_tasks is empty")
+        unknown = sorted({t for t in row_tasks if t is not None and t not in self.tasks})
+        if unknown:
+            raise KeyError(f"unknown tasks {unknown}; the bank holds {self.names()}")
+        used = sorted({t for t in row_tasks if t is not None})
+        if not used:
+            raise ValueError("no row names a task: call the backbone with prefix=None")
+        slot = {name: index for index, name in enumerate(used)}
+        prefixes = [task_prefix(backbone, *self.tasks[name]()) for name in used]
+        rows = torch.tensor([slot.get(t, -1) if t else -1 for t in row_tasks])
+        return batch_prefix(prefixes, rows.to(prefixes[0].image_keys.device))
