@@ -77,6 +77,7 @@ def attention_with_prefix(
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, d]
     if mask is None:
         return out
+    # Zeros for queries that see no key: not every SDPA backend guarantees them (CPU does).
     return out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
 
 
@@ -116,9 +117,7 @@ def check_prefix_inputs(
 ) -> None:
     """Refuse mismatched shapes, dtypes and devices with a message naming the argument."""
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(
-            f"q, k, v must share one [B, H, T, d] shape; got {_shapes(q=q, k=k, v=v)}"
-        )
+        raise ValueError(f"q, k, v must share one [B, H, T, d] shape; got {_shapes(q=q, k=k, v=v)}")
     rows, heads, tokens, head_dim = q.shape
     if q.dtype not in FLOAT_DTYPES:
         raise ValueError(f"q dtype must be one of {FLOAT_DTYPES}, got {q.dtype}")
@@ -147,7 +146,9 @@ def check_prefix_inputs(
 def _check_pool(U_K: Tensor, M_K: Tensor, U_V: Tensor, M_V: Tensor, width: int) -> None:
     """U_K, U_V: [S, N, R]; M_K, M_V: [S, R, H*d]."""
     if U_K.dim() != 3 or U_V.shape != U_K.shape:
-        raise ValueError(f"U_K, U_V must share one [S, N, R'] shape; got {_shapes(U_K=U_K, U_V=U_V)}")
+        raise ValueError(
+            f"U_K, U_V must share one [S, N, R'] shape; got {_shapes(U_K=U_K, U_V=U_V)}"
+        )
     slots, _, rank = U_K.shape
     expected = (slots, rank, width)
     if M_K.shape != expected or M_V.shape != expected:

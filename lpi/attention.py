@@ -27,16 +27,21 @@ def merge_heads(x: Tensor) -> Tensor:
 def prefix_mask(
     tokens: int, prefix: int, active: Tensor | None, causal: bool, device: torch.device
 ) -> Tensor | None:
-    """Boolean mask [B or 1, 1, T, N + T], True where attention is allowed; None if all is."""
+    """Boolean mask [B or 1, 1, T, N + T], True where attention is allowed; None if all is.
+
+    Built once per forward pass and shared by every prompted layer.
+    """
     if not causal and active is None:
         return None
-    allowed = torch.ones(1, 1, tokens, prefix + tokens, dtype=torch.bool, device=device)
-    if causal:
-        allowed[..., prefix:] = torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril()
-    if active is not None:
-        allowed = allowed.repeat(active.shape[0], 1, 1, 1)
-        allowed[..., :prefix] &= active.view(-1, 1, 1, 1)
-    return allowed
+    columns = torch.arange(prefix + tokens, device=device)  # keys: N prefix rows, then T tokens
+    if causal:  # token i sees every prefix row and tokens 0..i
+        allowed = columns <= torch.arange(tokens, device=device)[:, None] + prefix  # [T, N+T]
+    else:
+        allowed = torch.ones(tokens, prefix + tokens, dtype=torch.bool, device=device)
+    if active is None:
+        return allowed[None, None]
+    sees_prefix = (columns >= prefix) | active.view(-1, 1, 1, 1)  # [B, 1, 1, N+T]
+    return allowed & sees_prefix
 
 
 def attention_with_prefix(
@@ -45,7 +50,7 @@ def attention_with_prefix(
     v: Tensor,  # [B, H, T, d]
     prefix_k: Tensor | None,  # [B, H, N, d]
     prefix_v: Tensor | None,  # [B, H, N, d]
-    active: Tensor | None,  # [B] bool
+    mask: Tensor | None,  # from prefix_mask
     causal: bool,
 ) -> Tensor:  # [B, H, T, d]
     """Softmax attention over the prefix rows and then the real tokens, in one SDPA call."""
@@ -53,5 +58,4 @@ def attention_with_prefix(
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     keys = torch.cat([prefix_k, k], dim=2)  # [B, H, N + T, d]
     values = torch.cat([prefix_v, v], dim=2)
-    mask = prefix_mask(q.shape[2], prefix_k.shape[2], active, causal, q.device)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lpi.attention import attention_with_prefix, merge_heads, split_heads
+from lpi.attention import attention_with_prefix, merge_heads, prefix_mask, split_heads
 from lpi.config import ClipConfig, TextConfig, VisionConfig
 from lpi.prefix import LayerPrefix, Prefix
 
@@ -59,7 +59,7 @@ class SelfAttention(nn.Module):
         else:
             prefix_k = split_heads(prefix.keys.to(q.dtype), self.heads)  # [B, H, N, d]
             prefix_v = split_heads(prefix.values.to(q.dtype), self.heads)
-            out = attention_with_prefix(q, k, v, prefix_k, prefix_v, prefix.active, causal)
+            out = attention_with_prefix(q, k, v, prefix_k, prefix_v, prefix.mask, causal)
         return self.out_proj(merge_heads(out))
 
 
@@ -90,8 +90,13 @@ class Transformer(nn.Module):
         )
 
     def forward(self, x: Tensor, prefix: Prefix | None, causal: bool) -> Tensor:
+        if prefix is None:
+            for block in self.resblocks:
+                x = block(x, None, causal)
+            return x
+        mask = prefix_mask(x.shape[1], prefix.keys.shape[2], prefix.active, causal, x.device)
         for index, block in enumerate(self.resblocks):
-            x = block(x, None if prefix is None else prefix.layer(index), causal)
+            x = block(x, prefix.layer(index, mask), causal)
         return x
 
 

@@ -52,14 +52,14 @@ def task_targets(similarity: Tensor, threshold: float | None = None) -> Tensor:
     return (similarity > threshold) | eye
 
 
-def _balanced_bce(probabilities: Tensor, targets: Tensor) -> Tensor:
+def _balanced_bce(logits: Tensor, targets: Tensor) -> Tensor:
     """Per row: half the mean BCE over positives plus half over negatives (if any)."""
-    losses = F.binary_cross_entropy(probabilities, targets.float(), reduction="none")  # [K, K]
-    positives, negatives = targets.float(), (~targets).float()
+    positives = targets.to(logits.dtype)
+    negatives = 1 - positives
+    losses = F.binary_cross_entropy_with_logits(logits, positives, reduction="none")  # [K, K]
     pos_mean = (losses * positives).sum(1) / positives.sum(1).clamp_min(1)
     neg_mean = (losses * negatives).sum(1) / negatives.sum(1).clamp_min(1)
-    has_neg = negatives.sum(1) > 0
-    row = torch.where(has_neg, 0.5 * (pos_mean + neg_mean), pos_mean)
+    row = torch.where(negatives.sum(1) > 0, 0.5 * (pos_mean + neg_mean), pos_mean)
     return row.mean()
 
 
@@ -76,8 +76,7 @@ def task_constraint_loss(
     total = task_prompts_v.new_zeros(())
     for flat in (task_prompts_v, task_prompts_t):
         unit = F.normalize(flat, dim=-1)
-        probabilities = torch.sigmoid(unit @ unit.T / tau).clamp(1e-6, 1 - 1e-6)
-        total = total + _balanced_bce(probabilities, targets)
+        total = total + _balanced_bce(unit @ unit.T / tau, targets)  # BCE of sigmoid(C / tau)
     return total / 2
 
 

@@ -17,11 +17,11 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class LayerPrefix:
-    """One layer's prefix for a batch: materialised keys/values per row."""
+    """One layer's prefix for a batch: materialised keys/values per row, and the mask."""
 
     keys: Tensor  # [B, N, D]
     values: Tensor  # [B, N, D]
-    active: Tensor | None  # [B] bool, rows that carry a task; None: every row
+    mask: Tensor | None  # [B or 1, 1, T, N + T] bool (lpi.attention.prefix_mask)
 
 
 @dataclass(frozen=True)
@@ -55,11 +55,11 @@ class Prefix:
     def width(self) -> int:
         return self.keys.shape[3]
 
-    def layer(self, index: int) -> LayerPrefix | None:
+    def layer(self, index: int, mask: Tensor | None) -> LayerPrefix | None:
         """The prefix of layer `index`, or None past the last prompted layer."""
         if index >= self.layers:
             return None
-        return LayerPrefix(self.keys[index], self.values[index], self.active)
+        return LayerPrefix(self.keys[index], self.values[index], mask)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         active = None if self.active is None else self.active.to(device)

@@ -100,6 +100,6 @@ def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
 
 def _centre_crop(image: Image.Image, size: int) -> Image.Image:
     width, height = image.size
-    top = int(round((height - size) / 2.0))
-    left = int(round((width - size) / 2.0))
+    top = round((height - size) / 2.0)
+    left = round((width - size) / 2.0)
     return image.crop((left, top, left + size, top + size))

@@ -1,0 +1,1 @@
+"""clients: see docs/ARCHITECTURE.md."""

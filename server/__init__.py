@@ -1,0 +1,1 @@
+"""server: see docs/ARCHITECTURE.md."""
