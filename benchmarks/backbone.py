@@ -37,8 +37,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--presets", nargs="+", default=["tiny", "ViT-B-16"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per cell (median)")
-    parser.add_argument("--min-seconds", type=float, default=1.0,
-                        help="repeat small cells until each timing spans at least this long")
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=1.0,
+        help="repeat small cells until each timing spans at least this long",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/backbone.json"))
     parser.add_argument("--no-open-clip", action="store_true", help="skip the open_clip rows")
     return parser.parse_args()
@@ -84,13 +88,18 @@ def open_clip_twin(backbone: lpi.Backbone):
     model = open_clip.model.CLIP(
         embed_dim=cfg.embed_dim,
         vision_cfg=open_clip.model.CLIPVisionCfg(
-            layers=cfg.vision.layers, width=cfg.vision.width,
-            head_width=cfg.vision.width // cfg.vision.heads, patch_size=cfg.vision.patch_size,
+            layers=cfg.vision.layers,
+            width=cfg.vision.width,
+            head_width=cfg.vision.width // cfg.vision.heads,
+            patch_size=cfg.vision.patch_size,
             image_size=cfg.vision.image_size,
         ),
         text_cfg=open_clip.model.CLIPTextCfg(
-            context_length=cfg.text.context_length, vocab_size=cfg.text.vocab_size,
-            width=cfg.text.width, heads=cfg.text.heads, layers=cfg.text.layers,
+            context_length=cfg.text.context_length,
+            vocab_size=cfg.text.vocab_size,
+            width=cfg.text.width,
+            heads=cfg.text.heads,
+            layers=cfg.text.layers,
         ),
         quick_gelu=cfg.activation == "quick_gelu",
     )
@@ -125,8 +134,13 @@ def bench_preset(name: str, args: argparse.Namespace) -> list[dict]:
 
 
 def summarise(preset: str, modality: str, batch: int, cells: dict[str, float]) -> dict:
-    row = {"preset": preset, "modality": modality, "batch": batch,
-           "seconds": cells, "items_per_s": {k: batch / v for k, v in cells.items()}}
+    row = {
+        "preset": preset,
+        "modality": modality,
+        "batch": batch,
+        "seconds": cells,
+        "items_per_s": {k: batch / v for k, v in cells.items()},
+    }
     row["prompted_over_unprompted"] = {
         mode: cells[mode] / cells["none"] for mode in MODES if mode != "none"
     }
@@ -135,9 +149,11 @@ def summarise(preset: str, modality: str, batch: int, cells: dict[str, float]) -
     return row
 
 
-HEADER = (f"{'preset':<9} {'mod':<5} {'B':>3} | {'none/s':>8} {'1 task/s':>8} {'8 mix/s':>8} "
-          f"{'open_clip/s':>11} | {'1task/none':>10} {'8mix/none':>9} | {'none/oc':>7} "
-          f"{'8mix/oc':>7}")
+HEADER = (
+    f"{'preset':<9} {'mod':<5} {'B':>3} | {'none/s':>8} {'1 task/s':>8} {'8 mix/s':>8} "
+    f"{'open_clip/s':>11} | {'1task/none':>10} {'8mix/none':>9} | {'none/oc':>7} "
+    f"{'8mix/oc':>7}"
+)
 
 
 def print_row(row: dict) -> None:
@@ -155,12 +171,18 @@ def print_row(row: dict) -> None:
 
 def main() -> None:
     args = parse_args()
-    machine = {"platform": platform.platform(), "processor": platform.processor(),
-               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-               "torch": torch.__version__}
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     print(f"machine: {machine}")
-    print("time ratios (<1 is faster): 1task/none, 8mix/none = prompted over unprompted; "
-          "x/oc = ours over open_clip on the same weights and batch")
+    print(
+        "time ratios (<1 is faster): 1task/none, 8mix/none = prompted over unprompted; "
+        "x/oc = ours over open_clip on the same weights and batch"
+    )
     print(HEADER)
     rows = [row for name in args.presets for row in bench_preset(name, args)]
     args.out.parent.mkdir(parents=True, exist_ok=True)

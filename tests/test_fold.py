@@ -44,8 +44,9 @@ def test_closed_form_fold_is_exact_and_rank_r_plus_one(tiny_backbone):
     prompts = random_prompts(tiny_backbone, seed=5, interaction=False)
     folded = _assert_fold_matches(tiny_backbone, prompts)
     assert folded.image.rank == folded.text.rank == prompts.config.rank + 1
-    error = relative_error(folded.image.materialise()[0],
-                           _reference_prefix(tiny_backbone, prompts).image_keys)
+    error = relative_error(
+        folded.image.materialise()[0], _reference_prefix(tiny_backbone, prompts).image_keys
+    )
     assert error < 1e-12  # the closed form is exact: only float64 rounding remains
 
 

@@ -29,8 +29,9 @@ def test_layer_contrast_loss(generator):
     prompts_v, prompts_t = _rand(generator, 4, 5, 12), _rand(generator, 4, 5, 10)
     z_v = [prompts_v[j].mean(-1) / prompts_v[j].mean(-1).norm() for j in range(4)]
     z_t = [prompts_t[j].mean(-1) / prompts_t[j].mean(-1).norm() for j in range(4)]
-    g = torch.tensor([[100 * float(z_v[i] @ z_t[j]) for j in range(4)] for i in range(4)],
-                     dtype=torch.float64)
+    g = torch.tensor(
+        [[100 * float(z_v[i] @ z_t[j]) for j in range(4)] for i in range(4)], dtype=torch.float64
+    )
     target = torch.arange(4)
     expected = 0.5 * (F.cross_entropy(g, target) + F.cross_entropy(g.T, target))
     torch.testing.assert_close(losses.layer_contrast_loss(prompts_v, prompts_t), expected)

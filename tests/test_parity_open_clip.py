@@ -66,7 +66,10 @@ def _config(name: str, activation: str) -> lpi.ClipConfig:
             heads=vision["width"] // vision["head_width"],
         ),
         text=lpi.TextConfig(
-            context_length=77, vocab_size=49408, width=text["width"], layers=text["layers"],
+            context_length=77,
+            vocab_size=49408,
+            width=text["width"],
+            layers=text["layers"],
             heads=text["heads"],
         ),
         activation=activation,

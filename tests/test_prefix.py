@@ -144,12 +144,13 @@ def test_prefix_gradients_reach_only_the_task_factors(tiny_backbone, generator):
 def test_bad_prefix_is_refused(tiny_backbone, generator):
     bank = lpi.PromptBank()
     bank.add("t", random_prompts(tiny_backbone, seed=4))
-    image_prefix, text_prefix = bank.prefixes(tiny_backbone, ["t", "t"])
+    image_prefix, _ = bank.prefixes(tiny_backbone, ["t", "t"])
     pixels = random_pixels(tiny_backbone, 3, generator)
     with pytest.raises(ValueError, match="batch 2"):
         tiny_backbone.encode_image(pixels, image_prefix)
     with pytest.raises(ValueError, match="width"):
-        tiny_backbone.encode_image(pixels[:2], lpi.Prefix(image_prefix.keys[..., :8],
-                                                         image_prefix.values[..., :8]))
+        tiny_backbone.encode_image(
+            pixels[:2], lpi.Prefix(image_prefix.keys[..., :8], image_prefix.values[..., :8])
+        )
     with pytest.raises(KeyError, match="unknown tasks"):
         bank.prefixes(tiny_backbone, ["t", "nope"])

@@ -48,9 +48,10 @@ def test_interaction_follows_the_spec_and_leaves_layer_zero(generator):
     assert torch.equal(mixed_v[0], raw_v[0]) and torch.equal(mixed_t[0], raw_t[0])
     module = prompts.interaction.text_to_image
     for j in (1, 2):  # W_tv[j] materialised exactly as the spec writes it
-        weight = sum(
-            module.E[j - 1, r] * torch.outer(module.F[:, r], module.G[:, r]) for r in range(3)
-        ) / 3
+        weight = (
+            sum(module.E[j - 1, r] * torch.outer(module.F[:, r], module.G[:, r]) for r in range(3))
+            / 3
+        )
         mixed = 0.9 * raw_v[j] + 0.1 * torch.cat([raw_t[j], torch.ones(4, 1)], 1) @ weight
         expected = prompts.interaction.ln_v(mixed)
         torch.testing.assert_close(mixed_v[j], expected, atol=1e-6, rtol=1e-5)
