@@ -10,13 +10,14 @@ from lpi.config import ClipConfig, PromptConfig, TextConfig, VisionConfig, load_
 from lpi.fold import FoldedTask, FoldedTower, fold_task
 from lpi.prefix import Prefix, TaskPrefix, batch_prefix, task_prefix
 from lpi.preprocess import preprocess
-from lpi.prompts import PromptBank, TaskPrompts
+from lpi.prompts import DensePrompts, PromptBank, TaskPrompts
 from lpi.tokenizer import tokenize
 
 __all__ = [
     "Backbone",
     "CheckpointError",
     "ClipConfig",
+    "DensePrompts",
     "FoldedTask",
     "FoldedTower",
     "Prefix",

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lpi.prompts import TaskPrompts
+from lpi.prompts import DensePrompts, TaskPrompts
 
 FOLD_TOLERANCE = 1e-5
 SVD_RELATIVE_CUTOFF = 1e-7
@@ -155,12 +155,15 @@ def _stack_tower(parts: dict[str, list[Tensor]]) -> FoldedTower:
     )
 
 
-def fold_task(backbone, prompts: TaskPrompts) -> FoldedTask:
-    """A task's float64 prefix factors for both towers, checked against the materialised prefix."""
+def fold_task(backbone, prompts: TaskPrompts | DensePrompts) -> FoldedTask:
+    """A task's float64 prefix factors for both towers, checked against the materialised prefix.
+
+    Closed form for LPI without the interaction; SVD with it and for dense prompts.
+    """
     prompts64 = copy.deepcopy(prompts).double().requires_grad_(False)
     with torch.no_grad():
         prompts_v, prompts_t = prompts64()
-        if prompts64.interaction is None:
+        if isinstance(prompts64, TaskPrompts) and prompts64.interaction is None:
             image = _fold_tower_closed_form(
                 backbone.blocks("v"), prompts64.A, prompts64.B_v, prompts64.C_v
             )

@@ -60,6 +60,53 @@ class TaskPrompts(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+class DensePrompts(nn.Module):
+    """Baseline: full per-layer prompts with no decomposition (as in S-Prompts), same shapes.
+
+    Initialised at the scale LPI's factors give (std about 0.0625 at R = 4), so the baselines
+    start alike. It also holds prompts trained elsewhere (`from_tensors`).
+    """
+
+    def __init__(self, config: PromptConfig, vision_width: int, text_width: int):
+        super().__init__()
+        self.config = config
+        self.vision_width, self.text_width = vision_width, text_width
+        std = config.init_std**3 / config.rank**0.5
+        shape = (config.layers, config.tokens)
+        self.P_v = nn.Parameter(torch.randn(*shape, vision_width) * std)  # [J, N, D_v]
+        self.P_t = nn.Parameter(torch.randn(*shape, text_width) * std)  # [J, N, D_t]
+
+    @classmethod
+    def for_backbone(cls, config: PromptConfig, backbone) -> DensePrompts:
+        config.check_fits(backbone.config)
+        return cls(config, backbone.config.vision.width, backbone.config.text.width)
+
+    @classmethod
+    def from_tensors(cls, prompts_v: Tensor, prompts_t: Tensor) -> DensePrompts:
+        """Wrap given prompts [J, N, D_v] and [J, N, D_t] (e.g. imported from elsewhere)."""
+        if prompts_v.dim() != 3 or prompts_v.shape[:2] != prompts_t.shape[:2]:
+            raise ValueError(
+                "dense prompts must be [J, N, D_v] and [J, N, D_t] with the same J and N, got "
+                f"{tuple(prompts_v.shape)} and {tuple(prompts_t.shape)}"
+            )
+        layers, tokens = prompts_v.shape[:2]
+        config = PromptConfig(layers=layers, tokens=tokens, interaction=False)
+        module = cls(config, prompts_v.shape[2], prompts_t.shape[2])
+        with torch.no_grad():
+            module.P_v.copy_(prompts_v)
+            module.P_t.copy_(prompts_t)
+        return module
+
+    def raw_prompts(self) -> tuple[Tensor, Tensor]:
+        return self.P_v, self.P_t
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        return self.P_v, self.P_t
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
 class PromptBank(nn.Module):
     """Every task's prompts by name; builds the prefixes of a batch that mixes tasks."""
 
@@ -67,7 +114,7 @@ class PromptBank(nn.Module):
         super().__init__()
         self.tasks = nn.ModuleDict()
 
-    def add(self, name: str, prompts: TaskPrompts) -> None:
+    def add(self, name: str, prompts: TaskPrompts | DensePrompts) -> None:
         if name in self.tasks:
             raise ValueError(f"task {name!r} is already in the bank")
         self.tasks[name] = prompts

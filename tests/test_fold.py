@@ -88,3 +88,11 @@ def test_svd_goes_dense_above_half_the_tokens(generator):
     low_rank = full_rank[:, :2] @ torch.randn(2, 32, generator=generator, dtype=torch.float64)
     u, m = factor_by_svd(low_rank)
     assert u.shape == (8, 2) and relative_error(u @ m, low_rank) < 1e-12
+
+
+def test_dense_prompts_fold_by_svd(tiny_backbone):
+    """Dense prompts (the S-Prompts baseline, or prompts imported from elsewhere) fold too."""
+    torch.manual_seed(8)
+    dense = lpi.DensePrompts.from_tensors(torch.randn(3, 4, 64), torch.randn(3, 4, 64))
+    folded = _assert_fold_matches(tiny_backbone, dense)
+    assert folded.image.rank == 4  # full-rank random prompts: stored dense (U = I)

@@ -69,3 +69,12 @@ def test_bad_prompt_configs_are_refused(tiny_backbone):
         lpi.PromptConfig(alpha=1.5)
     with pytest.raises(ValueError, match="exceeds the backbone's depth"):
         lpi.TaskPrompts.for_backbone(lpi.PromptConfig(layers=9), tiny_backbone)
+
+
+def test_dense_prompts_shapes_scale_and_count():
+    torch.manual_seed(2)
+    dense = lpi.DensePrompts(lpi.PromptConfig(layers=9, tokens=16, rank=4), 768, 512)
+    assert dense.num_parameters() == 9 * 16 * (768 + 512) == 184_320
+    assert 0.055 < dense.P_v.std().item() < 0.07  # the scale LPI's factors start at
+    with pytest.raises(ValueError, match="same J and N"):
+        lpi.DensePrompts.from_tensors(torch.randn(2, 3, 8), torch.randn(2, 4, 6))
