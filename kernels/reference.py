@@ -150,6 +150,8 @@ def _check_pool(U_K: Tensor, M_K: Tensor, U_V: Tensor, M_V: Tensor, width: int) 
             f"U_K, U_V must share one [S, N, R'] shape; got {_shapes(U_K=U_K, U_V=U_V)}"
         )
     slots, _, rank = U_K.shape
+    if slots < 1:
+        raise ValueError("the pool needs at least one slot (S >= 1), even if every row has -1")
     expected = (slots, rank, width)
     if M_K.shape != expected or M_V.shape != expected:
         raise ValueError(

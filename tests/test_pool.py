@@ -87,10 +87,16 @@ def test_slot_waits_for_every_lease(pool):
 
 
 def test_replace_unleased_writes_in_place(pool):
-    slot = pool.add("a", *factors(1))
-    new = factors(2, rank=4)
+    slot = pool.add("a", *factors(1, rank=R))
+    new = factors(2, rank=1)  # a lower rank: the old rank-R columns must be zeroed, not kept
     assert pool.replace("a", *new) == slot
     torch.testing.assert_close(prefix_k(pool, slot), new[0] @ new[1], atol=0, rtol=0)
+    assert not pool.U_K[:, slot, :, 1:].any() and not pool.U_V[:, slot, :, 1:].any()
+    assert not pool.M_K[:, slot, 1:].any() and not pool.M_V[:, slot, 1:].any()
+    pool.free("a")
+    newer = factors(3, rank=2)
+    assert pool.add("b", *newer) == slot
+    torch.testing.assert_close(prefix_k(pool, slot), newer[0] @ newer[1], atol=0, rtol=0)
 
 
 def test_replace_during_lease_keeps_the_batch_intact(pool):
