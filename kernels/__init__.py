@@ -6,7 +6,7 @@ Triton is imported only inside `kernels.dispatch.prefix_attention`, when the ker
 
 from kernels.dispatch import BACKEND_ENV, attention_backend, prefix_attention
 from kernels.pool import PoolFullError, TaskSlotPool, UnknownTaskError
-from kernels.reference import attention_with_prefix
+from kernels.reference import attention_over_prefix, attention_with_prefix, visibility_mask
 from kernels.reference import prefix_attention as reference_prefix_attention
 
 __all__ = [
@@ -15,7 +15,9 @@ __all__ = [
     "TaskSlotPool",
     "UnknownTaskError",
     "attention_backend",
+    "attention_over_prefix",
     "attention_with_prefix",
     "prefix_attention",
     "reference_prefix_attention",
+    "visibility_mask",
 ]

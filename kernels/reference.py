@@ -69,39 +69,65 @@ def attention_with_prefix(
     """
     if (prefix_k is None) != (prefix_v is None):
         raise ValueError("prefix_k and prefix_v must be given together")
-    if prefix_k is not None:
-        k = torch.cat([prefix_k, k], dim=2)  # [B, H, N + T, d]
-        v = torch.cat([prefix_v, v], dim=2)
+    rows, _, tokens, _ = q.shape
     prefix_len = 0 if prefix_k is None else prefix_k.shape[2]
-    mask = visibility_mask(q, prefix_len, prefix_active, causal, key_padding_mask)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, d]
-    if mask is None:
-        return out
+    mask = visibility_mask(
+        rows, tokens, prefix_len, prefix_active, causal, key_padding_mask, q.device
+    )
+    out = attention_over_prefix(q, k, v, prefix_k, prefix_v, mask, causal)
+    if key_padding_mask is None:
+        return out  # every query sees at least itself (or the prefix)
     # Zeros for queries that see no key: not every SDPA backend guarantees them (CPU does).
     return out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
 
 
+def attention_over_prefix(
+    q: Tensor,  # [B, H, T, d]
+    k: Tensor,  # [B, H, T, d]
+    v: Tensor,  # [B, H, T, d]
+    prefix_k: Tensor | None,  # [B, H, N, d]
+    prefix_v: Tensor | None,  # [B, H, N, d]
+    mask: Tensor | None,  # from visibility_mask, built once and shared by a model's layers
+    causal: bool,
+) -> Tensor:  # [B, H, T, d]
+    """SDPA over [prefix; tokens] with a prebuilt mask; SDPA's own causal path when no mask."""
+    if prefix_k is not None:
+        k = torch.cat([prefix_k, k], dim=2)  # [B, H, N + T, d]
+        v = torch.cat([prefix_v, v], dim=2)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and prefix_k is None)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def visibility_mask(
-    q: Tensor,
+    rows: int,
+    tokens: int,
     prefix_len: int,
     prefix_active: Tensor | None,
     causal: bool,
     key_padding_mask: Tensor | None,
+    device: torch.device,
 ) -> Tensor | None:
-    """Boolean mask [B, 1, T, N + T] (True = may attend), or None when every key is visible."""
-    rows, _, tokens, _ = q.shape
-    if prefix_active is None and not causal and key_padding_mask is None:
+    """Boolean mask [B or 1, 1, T, N + T] (True = may attend), or None when SDPA needs none.
+
+    None means: every key visible, or (no prefix, causal, no padding) SDPA's causal path.
+    """
+    if prefix_active is None and key_padding_mask is None and (not causal or prefix_len == 0):
         return None
-    seen = torch.ones(rows, tokens, tokens, dtype=torch.bool, device=q.device)  # [B, T, T]
+    columns = torch.arange(prefix_len + tokens, device=device)  # N prefix rows, then T tokens
+    if causal:  # token i sees every prefix row and tokens 0..i
+        allowed = columns <= torch.arange(tokens, device=device)[:, None] + prefix_len
+    else:
+        allowed = torch.ones(tokens, prefix_len + tokens, dtype=torch.bool, device=device)
+    allowed = allowed[None, None]  # [1, 1, T, N + T]
     if key_padding_mask is not None:
-        seen = seen & key_padding_mask[:, None, :].to(torch.bool)
-    if causal:
-        seen = seen & torch.ones_like(seen[0]).tril()
-    active = torch.ones(rows, dtype=torch.bool, device=q.device)
-    if prefix_active is not None:
-        active = prefix_active.to(device=q.device, dtype=torch.bool)
-    prefix = active[:, None, None].expand(rows, tokens, prefix_len)  # [B, T, N]
-    return torch.cat([prefix, seen], dim=-1)[:, None]  # [B, 1, T, N + T]
+        real = torch.ones(rows, prefix_len + tokens, dtype=torch.bool, device=device)
+        real[:, prefix_len:] = key_padding_mask.to(device=device, dtype=torch.bool)
+        allowed = allowed & real[:, None, None, :]
+    if prefix_active is not None and prefix_len:
+        active = prefix_active.to(device=device, dtype=torch.bool)
+        allowed = allowed & ((columns >= prefix_len) | active.view(-1, 1, 1, 1))
+    return allowed
 
 
 def check_prefix_inputs(

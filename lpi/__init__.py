@@ -8,7 +8,7 @@ from lpi.backbone import Backbone
 from lpi.checkpoint import CheckpointError, fingerprint, load_backbone, save_backbone
 from lpi.config import ClipConfig, PromptConfig, TextConfig, VisionConfig, load_preset
 from lpi.fold import FoldedTask, FoldedTower, fold_task
-from lpi.prefix import Prefix, TaskPrefix, batch_prefix, task_prefix
+from lpi.prefix import Prefix, SlotPrefix, TaskPrefix, batch_prefix, task_prefix
 from lpi.preprocess import preprocess
 from lpi.prompts import DensePrompts, PromptBank, TaskPrompts
 from lpi.tokenizer import tokenize
@@ -23,6 +23,7 @@ __all__ = [
     "Prefix",
     "PromptBank",
     "PromptConfig",
+    "SlotPrefix",
     "TaskPrefix",
     "TaskPrompts",
     "TextConfig",

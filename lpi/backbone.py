@@ -12,9 +12,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lpi.attention import attention_with_prefix, merge_heads, prefix_mask, split_heads
+from kernels import attention_over_prefix, prefix_attention, visibility_mask
 from lpi.config import ClipConfig, TextConfig, VisionConfig
-from lpi.prefix import LayerPrefix, Prefix
+from lpi.prefix import LayerPrefix, Prefix, SlotLayerPrefix, SlotPrefix
+
+AnyPrefix = Prefix | SlotPrefix
+AnyLayerPrefix = LayerPrefix | SlotLayerPrefix
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    batch, length, width = x.shape  # [B, T, D]
+    return x.view(batch, length, heads, width // heads).transpose(1, 2)  # [B, H, T, d]
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    batch, heads, length, head_dim = x.shape  # [B, H, T, d]
+    return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
 class QuickGELU(nn.Module):
@@ -51,15 +64,29 @@ class SelfAttention(nn.Module):
         _, b_k, b_v = self.in_proj_bias.chunk(3)
         return F.linear(x, w_k, b_k), F.linear(x, w_v, b_v)
 
-    def forward(self, x: Tensor, prefix: LayerPrefix | None, causal: bool) -> Tensor:
+    def forward(
+        self, x: Tensor, prefix: AnyLayerPrefix | None, mask: Tensor | None, causal: bool
+    ) -> Tensor:
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         q, k, v = (split_heads(t, self.heads) for t in (q, k, v))  # [B, H, T, d]
-        if prefix is None:
-            out = attention_with_prefix(q, k, v, None, None, None, causal)
-        else:
+        if isinstance(prefix, SlotLayerPrefix):  # serving: the fused kernel on CUDA
+            out = prefix_attention(
+                q,
+                k,
+                v,
+                prefix.slots,
+                prefix.key_u.to(q.dtype),
+                prefix.key_m.to(q.dtype),
+                prefix.value_u.to(q.dtype),
+                prefix.value_m.to(q.dtype),
+                causal,
+            )
+        elif prefix is not None:  # training and CPU: materialised per-row prefix
             prefix_k = split_heads(prefix.keys.to(q.dtype), self.heads)  # [B, H, N, d]
             prefix_v = split_heads(prefix.values.to(q.dtype), self.heads)
-            out = attention_with_prefix(q, k, v, prefix_k, prefix_v, prefix.mask, causal)
+            out = attention_over_prefix(q, k, v, prefix_k, prefix_v, mask, causal)
+        else:
+            out = attention_over_prefix(q, k, v, None, None, None, causal)
         return self.out_proj(merge_heads(out))
 
 
@@ -77,8 +104,14 @@ class ResidualBlock(nn.Module):
         """The prefix rows of prompt tokens [..., N, D]: LN1 then this block's K/V maps."""
         return self.attn.project_keys_values(self.ln_1(prompt))
 
-    def forward(self, x: Tensor, prefix: LayerPrefix | None = None, causal: bool = False):
-        x = x + self.attn(self.ln_1(x), prefix, causal)
+    def forward(
+        self,
+        x: Tensor,
+        prefix: AnyLayerPrefix | None = None,
+        mask: Tensor | None = None,
+        causal: bool = False,
+    ) -> Tensor:
+        x = x + self.attn(self.ln_1(x), prefix, mask, causal)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -89,22 +122,27 @@ class Transformer(nn.Module):
             ResidualBlock(width, heads, mlp_ratio, act, eps) for _ in range(layers)
         )
 
-    def forward(self, x: Tensor, prefix: Prefix | None, causal: bool) -> Tensor:
-        if prefix is None:
-            for block in self.resblocks:
-                x = block(x, None, causal)
-            return x
-        mask = prefix_mask(x.shape[1], prefix.keys.shape[2], prefix.active, causal, x.device)
+    def forward(self, x: Tensor, prefix: AnyPrefix | None, causal: bool) -> Tensor:
+        mask = None  # built once per forward pass and shared by every prompted layer
+        if isinstance(prefix, Prefix):
+            batch, tokens = x.shape[:2]
+            mask = visibility_mask(
+                batch, tokens, prefix.tokens, prefix.active, causal, None, x.device
+            )
         for index, block in enumerate(self.resblocks):
-            x = block(x, prefix.layer(index, mask), causal)
+            layer = None if prefix is None else prefix.layer(index)
+            x = block(x, layer, mask if layer is not None else None, causal)
         return x
 
 
-def _check_prefix(prefix: Prefix | None, tower: str, batch: int, width: int, depth: int) -> None:
+def _check_prefix(prefix: AnyPrefix | None, tower: str, batch: int, width: int, depth: int):
     if prefix is None:
         return
-    if not isinstance(prefix, Prefix):
-        raise TypeError(f"prefix for the {tower} tower must be an lpi.Prefix, got {type(prefix)}")
+    if not isinstance(prefix, Prefix | SlotPrefix):
+        raise TypeError(
+            f"prefix for the {tower} tower must be an lpi.Prefix or lpi.SlotPrefix, "
+            f"got {type(prefix).__name__}"
+        )
     if prefix.batch != batch or prefix.width != width or prefix.layers > depth:
         raise ValueError(
             f"{tower} prefix has {prefix.layers} layers, batch {prefix.batch}, width "
@@ -127,7 +165,7 @@ class VisionTower(nn.Module):
         self.ln_post = nn.LayerNorm(width, eps=eps)
         self.proj = nn.Parameter(torch.empty(width, embed_dim))
 
-    def forward(self, pixels: Tensor, prefix: Prefix | None = None) -> Tensor:
+    def forward(self, pixels: Tensor, prefix: AnyPrefix | None = None) -> Tensor:
         x = self.conv1(pixels.to(self.conv1.weight.dtype))  # [B, D, g, g]
         x = x.flatten(2).transpose(1, 2)  # [B, g*g, D]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
@@ -163,7 +201,7 @@ class Backbone(nn.Module):
             return self.transformer.resblocks
         raise ValueError(f"modality must be 'v' or 't', got {modality!r}")
 
-    def encode_image(self, pixels: Tensor, prefix: Prefix | None = None) -> Tensor:
+    def encode_image(self, pixels: Tensor, prefix: AnyPrefix | None = None) -> Tensor:
         """Pixels [B, 3, H, W] (as `lpi.preprocess` makes them) -> unit features [B, E]."""
         cfg = self.config.vision
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, cfg.image_size, cfg.image_size):
@@ -176,7 +214,7 @@ class Backbone(nn.Module):
         _check_prefix(prefix, "image", pixels.shape[0], cfg.width, cfg.layers)
         return F.normalize(self.visual(pixels, prefix), dim=-1)
 
-    def encode_text(self, token_ids: Tensor, prefix: Prefix | None = None) -> Tensor:
+    def encode_text(self, token_ids: Tensor, prefix: AnyPrefix | None = None) -> Tensor:
         """Token ids [B, L<=77] (as `lpi.tokenize` makes them) -> unit features [B, E].
 
         The sequence is cut after the batch's last end-of-text token: with causal attention

@@ -17,11 +17,21 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class LayerPrefix:
-    """One layer's prefix for a batch: materialised keys/values per row, and the mask."""
+    """One layer's prefix for a batch: materialised keys/values per row (training, CPU)."""
 
     keys: Tensor  # [B, N, D]
     values: Tensor  # [B, N, D]
-    mask: Tensor | None  # [B or 1, 1, T, N + T] bool (lpi.attention.prefix_mask)
+
+
+@dataclass(frozen=True)
+class SlotLayerPrefix:
+    """One layer's prefix as task slots into the pool (serving): the kernel rebuilds K_p, V_p."""
+
+    slots: Tensor  # [B] int32, -1 = no task
+    key_u: Tensor  # [S, N, R']
+    key_m: Tensor  # [S, R', D]
+    value_u: Tensor  # [S, N, R']
+    value_m: Tensor  # [S, R', D]
 
 
 @dataclass(frozen=True)
@@ -55,15 +65,52 @@ class Prefix:
     def width(self) -> int:
         return self.keys.shape[3]
 
-    def layer(self, index: int, mask: Tensor | None) -> LayerPrefix | None:
+    @property
+    def tokens(self) -> int:
+        return self.keys.shape[2]
+
+    def layer(self, index: int) -> LayerPrefix | None:
         """The prefix of layer `index`, or None past the last prompted layer."""
         if index >= self.layers:
             return None
-        return LayerPrefix(self.keys[index], self.values[index], mask)
+        return LayerPrefix(self.keys[index], self.values[index])
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         active = None if self.active is None else self.active.to(device)
         return Prefix(self.keys.to(device, dtype), self.values.to(device, dtype), active)
+
+
+@dataclass(frozen=True)
+class SlotPrefix:
+    """Every prompted layer's prefix as rows' slots into a task-slot pool (spec section 7).
+
+    `pool` is a `kernels.TaskSlotPool` of one encoder; `slots` come from its `lease`, which
+    keeps the slots' tasks in place until the batch has finished.
+    """
+
+    slots: Tensor  # [B] int32, -1 = no task
+    pool: object  # kernels.TaskSlotPool: .layers, .tokens, .width, .layer(j)
+
+    @property
+    def layers(self) -> int:
+        return self.pool.layers
+
+    @property
+    def batch(self) -> int:
+        return self.slots.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.pool.width
+
+    @property
+    def active(self) -> Tensor:
+        return self.slots >= 0
+
+    def layer(self, index: int) -> SlotLayerPrefix | None:
+        if index >= self.layers:
+            return None
+        return SlotLayerPrefix(self.slots, *self.pool.layer(index))
 
 
 def gather_prefix(

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+# Triton reads TRITON_INTERPRET once, at its first import, and some test dependencies (open_clip
+# via timm) import it early: set it before any test module loads, so the kernel tests run on
+# the CPU interpreter whatever the test order.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 import lpi
 
