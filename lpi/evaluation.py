@@ -1,0 +1,115 @@
+"""Evaluating a continual run after each task (spec section 5).
+
+Each seen task's test images and captions are encoded with the task's own prompt (oracle) and
+with the prompt of the task their frozen features route to (task keys); recall@K is computed
+per task against that task's gallery and against the union of all seen tasks' galleries.
+
+Dimensions: I images, C captions, E embedding, B encoding batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lpi import metrics
+from lpi.prompts import PromptBank
+from lpi.routing import TaskKeys, routing_accuracy
+from lpi.tokenizer import tokenize
+
+ENCODE_BATCH = 256
+
+
+@dataclass(frozen=True)
+class TestSet:
+    pixels: Tensor  # [I, 3, S, S]
+    tokens: Tensor  # [C, 77]
+    caption_to_image: Tensor  # [C]
+
+
+def make_test_set(pixels: Tensor, captions: list[str], caption_to_image: Tensor) -> TestSet:
+    return TestSet(pixels, tokenize(captions), caption_to_image)
+
+
+@torch.no_grad()
+def encode(backbone, bank: PromptBank | None, data: Tensor, rows: list[str | None], image: bool):
+    """Features [I or C, E] of pixels or tokens, row r encoded with task rows[r] (None: bare)."""
+    device = next(backbone.parameters()).device
+    encoder = backbone.encode_image if image else backbone.encode_text
+    out = []
+    for start in range(0, len(data), ENCODE_BATCH):
+        chunk = data[start : start + ENCODE_BATCH].to(device)
+        chunk_rows = rows[start : start + ENCODE_BATCH]
+        prefix = None
+        if bank is not None and any(task is not None for task in chunk_rows):
+            image_prefix, text_prefix = bank.prefixes(backbone, chunk_rows)
+            prefix = image_prefix if image else text_prefix
+        out.append(encoder(chunk, prefix).float().cpu())
+    return torch.cat(out)
+
+
+def _galleries(backbone, bank, sets, image_rows, text_rows) -> dict[str, metrics.Gallery]:
+    return {
+        task: (
+            encode(backbone, bank, data.pixels, image_rows[task], image=True),
+            encode(backbone, bank, data.tokens, text_rows[task], image=False),
+            data.caption_to_image,
+        )
+        for task, data in sets.items()
+    }
+
+
+def headline_r1(recall: metrics.Recall) -> float:
+    """The single number of tables and heatmaps: mean of image->text and text->image R@1."""
+    return 0.5 * (recall["i2t"][1] + recall["t2i"][1])
+
+
+def evaluate_seen(
+    backbone, bank: PromptBank | None, keys: TaskKeys | None, sets: dict[str, TestSet]
+) -> dict:
+    """Recall of every seen task, oracle and routed, per-task and union gallery."""
+    oracle_image = {t: [t if bank else None] * len(d.pixels) for t, d in sets.items()}
+    oracle_text = {t: [t if bank else None] * len(d.tokens) for t, d in sets.items()}
+    oracle = metrics.task_and_union_recall(
+        _galleries(backbone, bank, sets, oracle_image, oracle_text)
+    )
+    result = {"tasks": list(sets), "oracle": oracle}
+    if bank is None or keys is None:
+        result["routed"], result["routing_accuracy"] = oracle, {"image": 100.0, "text": 100.0}
+    else:
+        routed_image, routed_text, accuracy = _routes(backbone, keys, sets)
+        routed = _galleries(backbone, bank, sets, routed_image, routed_text)
+        result["routed"] = metrics.task_and_union_recall(routed)
+        result["routing_accuracy"] = accuracy
+    result["r1"] = {
+        mode: {t: headline_r1(result[mode][t]["task"]) for t in sets}
+        for mode in ("oracle", "routed")
+    }
+    return result
+
+
+def _routes(backbone, keys: TaskKeys, sets: dict[str, TestSet]):
+    """Each query's routed task, from its frozen features, and routing accuracy per modality."""
+    image_rows, text_rows = {}, {}
+    truth = {"image": [], "text": []}
+    guess = {"image": [], "text": []}
+    for task, data in sets.items():
+        frozen_image = encode(backbone, None, data.pixels, [None] * len(data.pixels), True)
+        frozen_text = encode(backbone, None, data.tokens, [None] * len(data.tokens), False)
+        image_rows[task] = keys.route_names(frozen_image, "image")
+        text_rows[task] = keys.route_names(frozen_text, "text")
+        for modality, rows in (("image", image_rows[task]), ("text", text_rows[task])):
+            guess[modality] += rows
+            truth[modality] += [task] * len(rows)
+    accuracy = {m: routing_accuracy(guess[m], truth[m]) for m in ("image", "text")}
+    return image_rows, text_rows, accuracy
+
+
+def summarise(results: list[dict], mode: str = "oracle") -> dict:
+    """Matrix of headline R@1 (row t: after task t), seen means, final mean, forgetting."""
+    rows = [[result["r1"][mode][t] for t in result["tasks"]] for result in results]
+    summary = metrics.continual_summary(metrics.results_matrix(rows))
+    summary["matrix"] = rows
+    return summary

@@ -1,0 +1,137 @@
+"""Training one task's prompts on a frozen backbone (spec sections 4 and 5).
+
+The pieces `lpi.train` composes: which prompt module a method trains, the single-task prefix
+of a batch, the loss of one step, and the optimiser with its cosine schedule. The backbone
+stays frozen and earlier tasks' prompts enter only detached, so only task k learns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lpi import losses
+from lpi.config import PromptConfig
+from lpi.prefix import Prefix, batch_prefix, task_prefix
+from lpi.prompts import DensePrompts, TaskPrompts
+from lpi.tokenizer import tokenize
+
+# Methods of spec section 5: LPI, its ablations, and the baselines on the same code path.
+METHODS = {
+    "lpi": "LPI: low-rank prompts with interaction, layer contrast and task constraint",
+    "lpi-no-interaction": "LPI without the cross-modal interaction",
+    "lpi-no-layer": "LPI without the hierarchical layer contrast (L_layer)",
+    "lpi-no-task": "LPI without the task contrastive constraint (L_task)",
+    "dense": "dense per-task prompts of the same shape (no decomposition, as in S-Prompts)",
+    "shared": "one shared LPI prompt fine-tuned task after task (shows forgetting)",
+    "zero-shot": "the frozen backbone, no prompts",
+}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    dense: bool = False
+    interaction: bool = True
+    layer_loss: bool = True
+    task_loss: bool = True
+    shared: bool = False
+    trains: bool = True
+
+
+def method_spec(method: str) -> MethodSpec:
+    specs = {
+        "lpi": MethodSpec(),
+        "lpi-no-interaction": MethodSpec(interaction=False),
+        "lpi-no-layer": MethodSpec(layer_loss=False),
+        "lpi-no-task": MethodSpec(task_loss=False),
+        "dense": MethodSpec(dense=True, interaction=False),
+        "shared": MethodSpec(shared=True, task_loss=False),
+        "zero-shot": MethodSpec(trains=False),
+    }
+    if method not in specs:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return specs[method]
+
+
+def new_prompts(method: str, config: PromptConfig, backbone) -> TaskPrompts | DensePrompts:
+    spec = method_spec(method)
+    if spec.dense:
+        return DensePrompts.for_backbone(config, backbone)
+    config = PromptConfig(**{**config.to_dict(), "interaction": spec.interaction})
+    return TaskPrompts.for_backbone(config, backbone)
+
+
+def single_task_prefix(backbone, prompts: nn.Module, batch: int) -> tuple[Prefix, Prefix]:
+    """Image and text prefixes of a batch whose rows all belong to one task (differentiable)."""
+    prefix = task_prefix(backbone, *prompts())
+    rows = torch.zeros(batch, dtype=torch.long, device=prefix.image_keys.device)
+    return batch_prefix([prefix], rows)
+
+
+def flat_prompts(prompts: nn.Module) -> tuple[Tensor, Tensor]:
+    """A task's prompts P'_v, P'_t flattened to one vector each (for the task constraint)."""
+    prompts_v, prompts_t = prompts()
+    return prompts_v.reshape(-1), prompts_t.reshape(-1)
+
+
+def task_constraint(
+    prompts: nn.Module, earlier: list[nn.Module], targets: Tensor
+) -> Tensor | None:
+    """L_task for the current task against detached earlier tasks; None for the first task."""
+    if not earlier:
+        return None
+    with torch.no_grad():
+        old = [flat_prompts(p) for p in earlier]
+    current_v, current_t = flat_prompts(prompts)
+    flat_v = torch.stack([*(v for v, _ in old), current_v])  # [K, J*N*D_v]
+    flat_t = torch.stack([*(t for _, t in old), current_t])
+    return losses.task_constraint_loss(flat_v, flat_t, targets)
+
+
+def step_loss(
+    backbone,
+    prompts: nn.Module,
+    pixels: Tensor,
+    tokens: Tensor,
+    earlier: list[nn.Module],
+    targets: Tensor | None,
+    spec: MethodSpec,
+) -> dict[str, Tensor]:
+    """The LPI loss of one batch: L_clip + 0.1 L_layer + 0.1 [k >= 1] L_task."""
+    image_prefix, text_prefix = single_task_prefix(backbone, prompts, pixels.shape[0])
+    image = backbone.encode_image(pixels, image_prefix)
+    text = backbone.encode_text(tokens, text_prefix)
+    prompts_v, prompts_t = prompts()
+    task = None
+    if spec.task_loss and targets is not None:
+        task = task_constraint(prompts, earlier, targets)
+    return losses.lpi_loss(
+        image, text, backbone.logit_scale, prompts_v, prompts_t, task, spec.layer_loss
+    )
+
+
+def cosine_schedule(optimizer, total_steps: int, warmup_steps: int):
+    """Linear warm-up, then cosine decay to zero."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_optimizer(parameters, lr: float, weight_decay: float, total_steps: int):
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    scheduler = cosine_schedule(optimizer, total_steps, max(1, total_steps // 20))
+    return optimizer, scheduler
+
+
+def describe_tasks(backbone, names: list[str]) -> Tensor:
+    """Frozen text features of task descriptions [K, E]: the task similarity's inputs."""
+    with torch.no_grad():
+        return backbone.encode_text(tokenize([name.replace("-", " ") for name in names]))

@@ -1,0 +1,445 @@
+"""Manifests (every bad input named by file and line), COCO/Karpathy readers on tiny fake
+annotations, the synthetic generator (deterministic, captions true to the pixels, tasks
+distinguishable), loaders (same batches with or without workers), Fashion-MNIST on fake IDX."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lpi
+from lpi.data import coco, fashion_mnist, loader, manifest, synthetic
+from lpi.data.manifest import ManifestError, Record
+
+# --- manifest ----------------------------------------------------------------------------------
+
+
+def _png(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (4, 4), (200, 10, 10)).save(path)
+    return path
+
+
+def _line(image: str = "a.png", **overrides) -> str:
+    record = {"image": image, "captions": ["a red square"], "task": "t0", "split": "train"}
+    return json.dumps({**record, **overrides})
+
+
+def _manifest(tmp_path: Path, *lines: str) -> Path:
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_manifest_round_trip(tmp_path):
+    outside = _png(tmp_path / "elsewhere" / "c.png")
+    folder = tmp_path / "data"
+    records = [
+        Record(_png(folder / "img" / "a.png"), ("a dog", "a brown dog"), "animals", "train"),
+        Record(_png(folder / "img" / "b.png"), ("a car",), "vehicles", "test"),
+        Record(outside, ("a cat ünïcode",), "animals", "val"),
+    ]
+    path = folder / "m.jsonl"
+    manifest.write_manifest(path, records)
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert lines[0]["image"] == "img/a.png"  # under the folder: stored relative
+    assert lines[2]["image"] == str(outside)  # outside it: stored absolute
+    assert manifest.read_manifest(path, tasks=["animals"]) == records
+    assert sorted(p.name for p in folder.iterdir()) == ["img", "m.jsonl"]  # no temp file left
+
+
+BAD_LINES = [
+    ("{not json", "malformed JSON"),
+    ('["a.png"]', "expected a JSON object, got list"),
+    (json.dumps({"image": "b.png", "captions": ["x"], "split": "train"}), "missing field(s) task"),
+    (_line("b.png", caption="x"), "unknown field(s) caption"),
+    (_line("b.png", captions="a red square"), "'captions' must be a list, got str"),
+    (_line("b.png", task=3), "'task' must be a str, got int"),
+    (_line("b.png", captions=[]), "'captions' is empty"),
+    (_line("b.png", captions=["ok", "  "]), "captions[1] is empty or whitespace"),
+    (_line("b.png", captions=["ok", 5]), "captions[1] is int, not str"),
+    (_line("b.png", task=" "), "'task' is empty"),
+    (_line("b.png", split="training"), "unknown split 'training'"),
+    (_line(" "), "'image' is empty"),
+    (_line("missing.png"), "image file not found"),
+    (_line("a.png"), "is already in split 'train' at line 1"),
+]
+
+
+@pytest.mark.parametrize(("line", "reason"), BAD_LINES, ids=[r for _, r in BAD_LINES])
+def test_manifest_errors_name_file_and_line(tmp_path, line, reason):
+    path = _manifest(tmp_path, _line("a.png"), line)
+    with pytest.raises(ManifestError) as error:
+        manifest.read_manifest(path)
+    assert str(error.value).startswith(f"{path}:2: ")
+    assert reason in str(error.value)
+
+
+def test_manifest_errors_without_a_line(tmp_path):
+    path = _manifest(tmp_path, _line("a.png"), "", _line("b.png", task="t1", split="test"))
+    with pytest.raises(ManifestError, match=r"m\.jsonl: task\(s\) t1, t2 have no 'train'"):
+        manifest.read_manifest(path, tasks=["t0", "t1", "t2"])
+    assert len(manifest.read_manifest(path, tasks=["t0"])) == 2  # the blank line is skipped
+    with pytest.raises(ManifestError, match="holds no records"):
+        manifest.read_manifest(_manifest(tmp_path, ""))
+    with pytest.raises(ManifestError, match="cannot read"):
+        manifest.read_manifest(tmp_path / "absent.jsonl")
+    (tmp_path / "bad.jsonl").write_bytes(_line().encode() + b"\n\xff\xfe\n")
+    with pytest.raises(ManifestError, match=r"bad\.jsonl:2: not UTF-8"):
+        manifest.read_manifest(tmp_path / "bad.jsonl")
+
+
+def test_manifest_warns_on_an_image_in_two_splits(tmp_path, caplog):
+    path = _manifest(tmp_path, _line("a.png"), _line("a.png", split="test"))
+    with caplog.at_level(logging.WARNING):
+        assert len(manifest.read_manifest(path)) == 2
+    assert "1 image(s) appear in more than one split" in caplog.text
+    assert len(manifest.read_manifest(_manifest(tmp_path, _line("zz.png")), check_images=False))
+
+
+def test_manifest_writer_refuses_bad_records(tmp_path):
+    with pytest.raises(ManifestError, match=r"record 1: captions\[0\] is empty"):
+        manifest.write_manifest(
+            tmp_path / "m.jsonl",
+            [
+                Record(Path("a.png"), ("x",), "t", "train"),
+                Record(Path("b.png"), ("",), "t", "train"),
+            ],
+        )
+    assert not list(tmp_path.iterdir())
+
+
+def test_manifest_helpers_keep_order():
+    records = [
+        Record(Path(f"/{i}.png"), ("c",), task, split)
+        for i, (task, split) in enumerate(
+            [("b", "train"), ("a", "train"), ("b", "test"), ("a", "test"), ("b", "train")]
+        )
+    ]
+    assert manifest.tasks(records) == ["b", "a"]
+    assert [r.image.name for r in manifest.select(records, "b", "train")] == ["0.png", "4.png"]
+    assert len(manifest.select(records, ["a", "b"], "test")) == 2
+    assert list(manifest.group(records)) == [
+        ("b", "train"),
+        ("a", "train"),
+        ("b", "test"),
+        ("a", "test"),
+    ]
+
+
+# --- COCO and Karpathy readers -----------------------------------------------------------------
+
+
+def _coco_files(folder: Path, split: str = "train2017") -> tuple[Path, Path]:
+    """Four images: 1 person (large) + food (small); 2 appliance; 3 only a crowd; 4 no instances."""
+    categories = [
+        {"id": 1, "name": "person", "supercategory": "person"},
+        {"id": 52, "name": "banana", "supercategory": "food"},
+        {"id": 78, "name": "microwave", "supercategory": "appliance"},
+    ]
+    images = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in (1, 2, 3, 4)]
+    instances = [
+        {"id": 10, "image_id": 1, "category_id": 52, "area": 50.0, "iscrowd": 0},
+        {"id": 11, "image_id": 1, "category_id": 1, "area": 900.0, "iscrowd": 0},
+        {"id": 12, "image_id": 2, "category_id": 78, "area": 10.0, "iscrowd": 0},
+        {"id": 13, "image_id": 2, "category_id": 1, "area": 5000.0, "iscrowd": 1},
+        {"id": 14, "image_id": 3, "category_id": 52, "area": 70.0, "iscrowd": 1},
+    ]
+    captions = [
+        {"id": 21, "image_id": 1, "caption": "A Man, eating a banana."},
+        {"id": 20, "image_id": 1, "caption": "Someone holds   fruit!"},
+        {"id": 22, "image_id": 2, "caption": "A microwave (open)."},
+        {"id": 23, "image_id": 3, "caption": "Bananas."},
+        {"id": 24, "image_id": 4, "caption": "An empty room."},
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    caption_path = folder / f"captions_{split}.json"
+    instance_path = folder / f"instances_{split}.json"
+    caption_path.write_text(json.dumps({"images": images, "annotations": captions}))
+    instance_path.write_text(json.dumps({"categories": categories, "annotations": instances}))
+    return caption_path, instance_path
+
+
+def test_coco_tasks_follow_the_largest_annotation_and_the_protocol_order(tmp_path):
+    captions, instances = _coco_files(tmp_path)
+    records = coco.coco_records(captions, instances, tmp_path / "img", "train")
+    assert [(r.image.name, r.task) for r in records] == [
+        ("000000000002.jpg", "appliance"),  # the 5000-px crowd of people does not count
+        ("000000000003.jpg", "food"),  # only a crowd: it counts
+        ("000000000001.jpg", "person"),  # 900 px person beats the 50 px banana
+    ]  # image 4 has no instances; tasks arrive appliance ... food ... person
+    assert records[2].captions == ("someone holds fruit", "a man, eating a banana")
+    assert records[0].image == tmp_path / "img" / "000000000002.jpg"
+    assert coco.COCO_TASKS[0] == "appliance" and coco.COCO_TASKS[-1] == "person"
+    assert len(coco.coco_records(captions, instances, tmp_path, "train", max_per_task=0)) == 0
+
+
+def test_clean_caption_cuts_to_30_words():
+    assert coco.clean_caption("A  cat. On; a MAT!\n") == "a cat on a mat"
+    assert len(coco.clean_caption(" ".join(["word"] * 40)).split()) == 30
+
+
+def test_coco_cli_writes_a_valid_manifest(tmp_path):
+    for split in ("train2017", "val2017"):
+        _coco_files(tmp_path / "annotations", split)
+    out = tmp_path / "out" / "coco.jsonl"
+    coco.main(["coco", "--root", str(tmp_path), "--out", str(out), "--max-test-per-task", "1"])
+    records = manifest.read_manifest(out, tasks=["appliance", "food", "person"], check_images=False)
+    assert [r.split for r in records].count("test") == 3
+    assert records[0].image == tmp_path / "train2017" / "000000000002.jpg"
+
+
+def _karpathy(path: Path, with_filepath: bool) -> Path:
+    entries = []
+    for i, split in enumerate(["train", "restval", "val", "test", "test", "train"]):
+        entry = {"filename": f"{i}.jpg", "split": split, "cocoid": 100 + i}
+        entry["sentences"] = [{"raw": f"A photo number {i}.", "tokens": []}, {"raw": "  "}]
+        if with_filepath:
+            entry["filepath"] = "val2014"
+        entries.append(entry)
+    path.write_text(json.dumps({"images": entries, "dataset": "x"}))
+    return path
+
+
+def test_karpathy_records(tmp_path):
+    data = _karpathy(tmp_path / "dataset_coco.json", with_filepath=True)
+    records = coco.karpathy_records(data, tmp_path, "coco")
+    assert [r.split for r in records] == ["train", "train", "val", "test", "test", "train"]
+    assert records[0].image == tmp_path / "val2014" / "0.jpg"
+    assert records[0].captions == ("a photo number 0",)  # the blank sentence is dropped
+    by_id = coco.CocoTasks({100: "person", 103: "appliance", 104: "person"})
+    assert [(r.image.name, r.task) for r in coco.karpathy_records(data, tmp_path, by_id)] == [
+        ("3.jpg", "appliance"),
+        ("0.jpg", "person"),
+        ("4.jpg", "person"),
+    ]
+
+
+def test_karpathy_hash_tasks_are_stable(tmp_path):
+    data = _karpathy(tmp_path / "dataset_flickr30k.json", with_filepath=False)
+    hashed = coco.HashTasks(3, "flickr")
+    records = coco.karpathy_records(data, tmp_path, hashed)
+    assert records == coco.karpathy_records(data, tmp_path, hashed)
+    assert all(r.image.parent == tmp_path for r in records)  # Flickr has no filepath
+    order = [hashed.names.index(r.task) for r in records]
+    assert order == sorted(order)  # records arrive task by task
+    assert {r.task for r in records} <= set(hashed.names) == {"flickr-0", "flickr-1", "flickr-2"}
+    assert hashed({"filename": "0.jpg"}) == hashed({"filename": "0.jpg", "split": "x"})
+
+
+def test_readers_name_the_bad_file(tmp_path):
+    bad = tmp_path / "dataset.json"
+    bad.write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "dev", "sentences": []}]}))
+    with pytest.raises(ValueError, match=r"dataset\.json: images\[0\]: unknown split 'dev'"):
+        coco.karpathy_records(bad, tmp_path, "t")
+    bad.write_text("{")
+    with pytest.raises(ValueError, match=r"dataset\.json: malformed JSON"):
+        coco.karpathy_records(bad, tmp_path, "t")
+
+
+# --- synthetic images --------------------------------------------------------------------------
+
+SMALL = {"train_per_task": 40, "test_per_task": 20, "pretrain": 24, "image_size": 32}
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    synthetic.generate(out, seed=3, **SMALL)
+    return out
+
+
+def test_synthetic_is_deterministic_by_seed(synthetic_dir, tmp_path):
+    synthetic.generate(tmp_path / "again", seed=3, **SMALL)
+    synthetic.generate(tmp_path / "other", seed=4, **SMALL)
+    for name in ("manifest.jsonl", "pretrain.jsonl"):
+        text = (synthetic_dir / name).read_text()
+        assert (tmp_path / "again" / name).read_text() == text
+        assert (tmp_path / "other" / name).read_text() != text
+    images = sorted((synthetic_dir / "images").rglob("*.png"))
+    assert len(images) == 4 * 60 + 24 + 20
+    for path in images[::7]:
+        relative = path.relative_to(synthetic_dir)
+        assert (tmp_path / "again" / relative).read_bytes() == path.read_bytes()
+
+
+def test_synthetic_writes_valid_manifests(synthetic_dir):
+    records = manifest.read_manifest(synthetic_dir / "manifest.jsonl", tasks=synthetic.TASK_NAMES)
+    assert manifest.tasks(records) == list(synthetic.TASK_NAMES)
+    assert {len(group) for group in manifest.group(records).values()} == {40, 20}
+    pretrain = manifest.read_manifest(synthetic_dir / "pretrain.jsonl", tasks=["pretrain"])
+    assert manifest.tasks(pretrain) == ["pretrain"]
+    summary = json.loads((synthetic_dir / "synthetic.json").read_text())
+    assert all(fraction == 1.0 for fraction in summary["unique_test_captions"].values())
+    words = {w for r in pretrain for c in r.captions for w in c.split()}
+    assert not words & {"striped", "small", "large", "left", "background"}  # only shape, colour
+
+
+def test_synthetic_captions_name_the_drawn_attributes(synthetic_dir):
+    records = manifest.read_manifest(synthetic_dir / "manifest.jsonl")
+    for name in synthetic.TASK_NAMES:
+        scenes = synthetic.make_scenes(name, "test", 20, seed=3)
+        kept = manifest.select(records, name, "test")
+        assert [r.captions for r in kept] == [s.captions for s in scenes]
+        for scene, record in zip(scenes, kept, strict=True):
+            _check_scene(scene, np.asarray(Image.open(record.image)))
+
+
+def _check_scene(scene: synthetic.Scene, pixels: np.ndarray) -> None:
+    """Every caption names every attribute, and the pixels show the named colour and place."""
+    phrases = dict(scene.attributes)
+    if "position" in phrases:
+        phrases["position"] = synthetic.POSITIONS[phrases["position"]][1]
+    for caption in scene.captions:
+        assert all(value in caption for value in phrases.values()), (caption, phrases)
+    size = pixels.shape[0]
+    for thing, colour in zip(scene.things, ("colour", "colour2"), strict=False):
+        x, y = (round(v * size) for v in thing.centre)
+        rgb = synthetic.COLOURS[scene.attributes[colour]]
+        if thing.texture == "plain" and thing.shape not in ("star", "cross"):  # solid centres
+            assert np.abs(pixels[y, x].astype(int) - rgb).max() <= 25, (scene, pixels[y, x])
+    if "position" in scene.attributes:
+        expected = synthetic.POSITIONS[scene.attributes["position"]][0]
+        assert all(abs(c - e) < 0.05 for c, e in zip(scene.things[0].centre, expected, strict=True))
+
+
+def test_synthetic_tasks_differ_in_distribution(synthetic_dir):
+    """1-nearest-neighbour on 4x4 thumbnails tells the tasks apart (so task keys can route)."""
+    records = manifest.read_manifest(synthetic_dir / "manifest.jsonl")
+
+    def thumbs(split: str) -> tuple[np.ndarray, np.ndarray]:
+        chosen = manifest.select(records, split=split)
+        pixels = [np.asarray(Image.open(r.image).resize((4, 4)), float) for r in chosen]
+        labels = [synthetic.TASK_NAMES.index(r.task) for r in chosen]
+        return np.stack(pixels).reshape(len(chosen), -1), np.array(labels)
+
+    (train, train_labels), (test, test_labels) = thumbs("train"), thumbs("test")
+    nearest = ((test[:, None, :] - train[None]) ** 2).sum(-1).argmin(1)
+    assert (train_labels[nearest] == test_labels).mean() > 0.9
+
+
+def test_synthetic_cli(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        synthetic.main(["--help"])
+    assert exit_.value.code == 0 and "--train-per-task" in capsys.readouterr().out
+    synthetic.main(["--out", str(tmp_path), "--tasks", "1", "--train-per-task", "3",
+                    "--test-per-task", "2", "--pretrain", "2", "--image-size", "16"])  # fmt: skip
+    assert "shapes-colours: 6320 combinations" in capsys.readouterr().out
+    assert manifest.tasks(manifest.read_manifest(tmp_path / "manifest.jsonl")) == ["shapes-colours"]
+    with pytest.raises(ValueError, match=r"tasks must be in 1\.\.4"):
+        synthetic.generate(tmp_path, tasks=5)
+
+
+# --- loaders -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def train_records(synthetic_dir) -> list[Record]:
+    records = manifest.read_manifest(synthetic_dir / "manifest.jsonl")
+    return manifest.select(records, ["textures", "positions"], "train")
+
+
+def test_loader_shapes_and_dtypes(train_records):
+    batches = list(loader.make_loader(train_records, 32, batch_size=16, seed=1))
+    assert [len(b.pixels) for b in batches] == [16] * 5
+    first = batches[0]
+    assert first.pixels.shape == (16, 3, 32, 32) and first.pixels.dtype == torch.float32
+    assert first.tokens.shape == (16, 77) and first.tokens.dtype == torch.long
+    assert first.image_index.dtype == torch.long
+    indices = torch.cat([b.image_index for b in batches])
+    assert sorted(indices.tolist()) == list(range(80))  # every image once per epoch
+    index = int(first.image_index[0])
+    expected = lpi.preprocess([Image.open(train_records[index].image)], 32)[0]
+    assert torch.equal(first.pixels[0], expected)  # the serving path's pixels
+    captions = [lpi.tokenize([c])[0] for c in train_records[index].captions]
+    assert any(torch.equal(first.tokens[0], c) for c in captions)
+
+
+def test_loader_workers_do_not_change_batches(train_records):
+    """Two epochs with 0 and 2 (persistent) workers: identical; epochs differ from each other."""
+
+    def epochs(workers: int, cache: bool = False) -> list[list[loader.Batch]]:
+        batches = loader.make_loader(
+            train_records, 32, batch_size=32, seed=5, num_workers=workers, cache=cache
+        )
+        assert batches.persistent_workers == (workers > 0)
+        return [list(batches) for _ in range(2)]
+
+    serial, parallel, cached = epochs(0), epochs(2), epochs(0, cache=True)
+    for left, right in ((serial, parallel), (serial, cached)):
+        for epoch_a, epoch_b in zip(left, right, strict=True):
+            for a, b in zip(epoch_a, epoch_b, strict=True):
+                assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(serial[0][0].image_index, serial[1][0].image_index)
+
+
+def test_sampler_without_shuffle_keeps_order_but_varies_captions():
+    sampler = loader.CaptionSampler(6, shuffle=False, seed=0)
+    first, second = list(sampler), list(sampler)
+    assert [i for i, _ in first] == [i for i, _ in second] == list(range(6))
+    assert [d for _, d in first] != [d for _, d in second]
+
+
+def test_eval_set_enumerates_every_caption(synthetic_dir):
+    records = manifest.select(
+        manifest.read_manifest(synthetic_dir / "manifest.jsonl"), split="test"
+    )
+    gallery = loader.eval_set(records, 32)
+    assert gallery.pixels.shape == (80, 3, 32, 32)
+    assert len(gallery.captions) == gallery.caption_to_image.numel() == 3 * 80
+    for caption, owner in zip(gallery.captions, gallery.caption_to_image.tolist(), strict=True):
+        assert caption in records[owner].captions
+    chunks = list(loader.image_batches(records, 32, batch_size=30))
+    assert [len(c) for c in chunks] == [30, 30, 20]
+    assert torch.equal(torch.cat(chunks), gallery.pixels)
+    with pytest.raises(ValueError, match="at least one record"):
+        loader.eval_set([], 32)
+
+
+# --- Fashion-MNIST -----------------------------------------------------------------------------
+
+
+def _idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as file:
+        file.write(header + array.astype(np.uint8).tobytes())
+
+
+def _fake_fashion(root: Path, per_class: int = 8) -> Path:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix in ("train", "t10k"):
+        labels = np.repeat(np.arange(10), per_class)
+        _idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (len(labels), 28, 28)))
+        _idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def test_fashion_mnist_reads_idx_and_writes_a_manifest(tmp_path):
+    root = _fake_fashion(tmp_path / "idx")
+    images, labels = fashion_mnist.load_split(root, "test")
+    assert images.shape == (80, 28, 28) and labels.tolist()[:9] == [0] * 8 + [1]
+    unique = fashion_mnist.generate(tmp_path / "out", root, train_per_task=6, test_per_task=5)
+    assert unique == {"tops": 1.0, "footwear": 1.0, "other": 1.0}
+    records = manifest.read_manifest(tmp_path / "out" / "manifest.jsonl", tasks=["tops", "other"])
+    assert manifest.tasks(records) == ["tops", "footwear", "other"]
+    record = manifest.select(records, "footwear", "test")[0]
+    assert any(name in record.captions[0] for name in ("sandal", "sneaker", "ankle boot"))
+    (root / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0\0\x0d\x01\0\0\0\x01"))
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte\.gz: not an unsigned-byte"):
+        fashion_mnist.load_split(root, "test")
+
+
+@pytest.mark.skipif(not fashion_mnist.DEFAULT_ROOT.is_dir(), reason="dataset-fashion-mnist absent")
+def test_fashion_mnist_installed_files():
+    images, labels = fashion_mnist.load_split(fashion_mnist.DEFAULT_ROOT, "test")
+    assert images.shape == (10000, 28, 28) and np.bincount(labels).tolist() == [1000] * 10
