@@ -98,7 +98,7 @@ class ResidualBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(width, eps=eps)
         self.attn = SelfAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = MLP(width, int(width * mlp_ratio), activation)
+        self.mlp = MLP(width, round(width * mlp_ratio), activation)
 
     def prefix_keys_values(self, prompt: Tensor) -> tuple[Tensor, Tensor]:
         """The prefix rows of prompt tokens [..., N, D]: LN1 then this block's K/V maps."""

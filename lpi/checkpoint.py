@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -33,7 +35,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_METADATA_KEY = "lpi.config"
 # Entries OpenAI's archives carry beside the weights; they are configuration, not parameters.
-_NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
+# `attn_mask` is open_clip's causal-mask buffer, which a TorchScript export of it keeps.
+_NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 _STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
@@ -50,22 +53,34 @@ def load_backbone(
 ) -> Backbone:
     """A frozen backbone in eval mode from a local checkpoint path or a preset name.
 
-    What the weights cannot say can be given: `activation` ("quick_gelu" for OpenAI weights,
-    the default; "gelu" for open_clip models trained without QuickGELU), or a whole `config`
-    (e.g. a head count other than width / 64). `seed` fixes the random weights of a preset.
+    What the weights cannot say can be given: a whole `config` (e.g. a head count other than
+    width / 64) replaces the inferred or stored one, and `activation` ("quick_gelu" for OpenAI
+    weights, the default; "gelu" for open_clip models trained without QuickGELU) overrides
+    whichever config is used. `seed` fixes the random weights of a preset.
     """
     source = str(path_or_preset)
     if source in preset_names() and not Path(source).exists():
-        config = load_preset(source)
-        if activation:
-            config = ClipConfig.from_dict({**config.to_dict(), "activation": activation})
+        if config is not None:
+            raise CheckpointError(
+                f"config= replaces the architecture of a checkpoint; {source!r} is a preset, "
+                f"which is an architecture already (build lpi.Backbone(config) for random weights)"
+            )
         torch.manual_seed(seed)
-        model = Backbone(config)
+        model = Backbone(with_activation(load_preset(source), activation))
     else:
-        state, inferred = read_checkpoint(Path(source), activation)
-        model = build_from_state_dict(state, config or inferred)
+        state, inferred = read_checkpoint(Path(source))
+        model = build_from_state_dict(state, with_activation(config or inferred, activation))
     model.requires_grad_(False)
     return model.to(device).eval()
+
+
+def with_activation(config: ClipConfig, activation: str | None) -> ClipConfig:
+    """`config` with its activation replaced (None keeps it)."""
+    if activation is None:
+        return config
+    if activation not in ("quick_gelu", "gelu"):
+        raise CheckpointError(f"activation must be 'quick_gelu' or 'gelu', got {activation!r}")
+    return ClipConfig.from_dict({**config.to_dict(), "activation": activation})
 
 
 def read_checkpoint(path: Path, activation: str | None = None) -> tuple[dict, ClipConfig]:
@@ -87,10 +102,15 @@ def read_checkpoint(path: Path, activation: str | None = None) -> tuple[dict, Cl
             f"archive or state dict (.pt, .pth, .bin), .safetensors, or a Hugging Face folder"
         )
     state = normalise_keys(state, path)
-    config = ClipConfig.from_dict(config_dict) if config_dict else infer_config(state, path)
-    if activation:
-        config = ClipConfig.from_dict({**config.to_dict(), "activation": activation})
-    return state, config
+    config = _stored_config(config_dict, path) if config_dict else infer_config(state, path)
+    return state, with_activation(config, activation)
+
+
+def _stored_config(config_dict: dict, path: Path) -> ClipConfig:
+    try:
+        return ClipConfig.from_dict(config_dict)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its stored architecture is invalid ({err!r})") from err
 
 
 def build_from_state_dict(state: dict[str, Tensor], config: ClipConfig) -> Backbone:
@@ -117,14 +137,22 @@ def build_from_state_dict(state: dict[str, Tensor], config: ClipConfig) -> Backb
 
 
 def save_backbone(model: Backbone, path: str | Path) -> Path:
-    """Write weights + architecture as one safetensors file (atomic: temp file, then rename)."""
+    """Write weights + architecture as one safetensors file (atomic: temp file, then rename).
+
+    The name must end in `.safetensors`: `load_backbone` picks the reader by suffix.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: save_backbone writes safetensors; name it *.safetensors")
     tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(tmp), metadata={CONFIG_METADATA_KEY: model.config.to_json()})
-    tmp.replace(path)
+    try:
+        save_file(tensors, str(tmp), metadata={CONFIG_METADATA_KEY: model.config.to_json()})
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -145,26 +173,59 @@ def _few(items: list[str], limit: int = 6) -> str:
 
 
 def _read_torch_file(path: Path) -> dict:
+    """A state dict read with `weights_only=True`: tensors and containers, never code."""
     if _is_torchscript(path):
-        log.info("reading TorchScript archive", extra={"path": str(path)})
-        return torch.jit.load(str(path), map_location="cpu").state_dict()
+        return _read_torchscript(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # a pickle of code, a truncated zip, not torch at all
-        raise CheckpointError(f"{path}: not a readable state dict ({err})") from err
+        raise CheckpointError(f"{path}: not a readable state dict ({_why(path, err)})") from err
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+    if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    wrong = [f"{k!r} is {type(v).__name__}" for k, v in obj.items() if not isinstance(v, Tensor)]
+    if wrong:
+        raise CheckpointError(f"{path}: expected a dict of tensors, but {_few(wrong)}")
     return obj
+
+
+def _read_torchscript(path: Path) -> dict:
+    """OpenAI's archives: TorchScript, which runs no Python while loading."""
+    log.info("reading TorchScript archive", extra={"path": str(path)})
+    try:
+        with warnings.catch_warnings():  # torch deprecates jit; OpenAI's files still need it
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable TorchScript archive ({err})") from err
+
+
+def _why(path: Path, err: Exception) -> str:
+    """One line instead of torch's advice to turn weights_only off."""
+    text = str(err)
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if isinstance(err, pickle.UnpicklingError) and unsafe:
+        return f"it pickles the Python object {unsafe[1]}, which weights_only=True refuses"
+    try:
+        with path.open("rb") as handle:
+            if handle.read(2) == b"PK" and not zipfile.is_zipfile(path):
+                return "a zip archive without its directory: truncated or corrupted"
+    except OSError:
+        pass  # torch's own message below says what went wrong
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return first[:200]
 
 
 def _is_torchscript(path: Path) -> bool:
     """TorchScript archives are zip files holding compiled code next to the weights."""
     if not zipfile.is_zipfile(path):
         return False
-    with zipfile.ZipFile(path) as archive:
-        return any(re.search(r"(^|/)code/", name) for name in archive.namelist())
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(re.search(r"(^|/)code/", name) for name in archive.namelist())
+    except zipfile.BadZipFile:
+        return False  # torch.load reports it with the file's name
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict | None]:
@@ -174,10 +235,15 @@ def _read_safetensors(path: Path) -> tuple[dict, dict | None]:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except SafetensorError as err:
+    except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
     config = metadata.get(CONFIG_METADATA_KEY)
-    return state, json.loads(config) if config else None
+    if not config:
+        return state, None
+    try:
+        return state, json.loads(config)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: metadata {CONFIG_METADATA_KEY!r} is not JSON") from err
 
 
 def _read_hf_folder(path: Path) -> tuple[dict, dict]:
@@ -192,9 +258,15 @@ def _read_hf_folder(path: Path) -> tuple[dict, dict]:
     elif (path / "pytorch_model.bin").exists():
         state = _read_torch_file(path / "pytorch_model.bin")
     else:
-        raise CheckpointError(f"{path} has neither model.safetensors nor pytorch_model.bin")
-    hf_config = json.loads(config_file.read_text())
-    return convert_hf_state_dict(state), hf_clip_config(hf_config).to_dict()
+        raise CheckpointError(
+            f"{path} has neither model.safetensors nor pytorch_model.bin "
+            f"(sharded checkpoints are not supported)"
+        )
+    try:
+        config = hf_clip_config(json.loads(config_file.read_text()))
+        return convert_hf_state_dict(state), config.to_dict()
+    except (KeyError, TypeError, ValueError, OSError) as err:  # JSON errors are ValueErrors
+        raise CheckpointError(f"{path}: not a supported CLIPModel ({err})") from err
 
 
 def normalise_keys(state: dict, path: Path) -> dict[str, Tensor]:
@@ -253,3 +325,9 @@ def infer_config(state: dict[str, Tensor], path: Path | str = "state dict") -> C
         return ClipConfig(embed_dim=state["text_projection"].shape[1], vision=vision, text=text)
     except KeyError as err:
         raise CheckpointError(f"{path}: missing weight {err.args[0]!r}") from err
+    except CheckpointError:
+        raise
+    except (IndexError, ValueError) as err:  # a 1-D projection; a width heads do not divide
+        raise CheckpointError(
+            f"{path}: cannot infer the architecture ({err}); pass config= to load_backbone"
+        ) from err

@@ -2,6 +2,7 @@
 
 HF splits the attention input projection into q/k/v and stores projections as Linear weights
 ([E, D]); OpenAI concatenates them (`in_proj_weight`, [3D, D]) and stores `proj` as [D, E].
+Errors are ValueErrors naming the field; `lpi.checkpoint` adds the folder's name.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from lpi.config import ClipConfig, TextConfig, VisionConfig
 
-# transformers writes only non-default fields to config.json: these are CLIP's defaults.
+# transformers 4.x writes only non-default fields to config.json: these are CLIP's defaults.
 _TEXT_DEFAULTS = {
     "vocab_size": 49408,
     "hidden_size": 512,
@@ -23,6 +24,7 @@ _TEXT_DEFAULTS = {
     "max_position_embeddings": 77,
     "hidden_act": "quick_gelu",
     "layer_norm_eps": 1e-5,
+    "eos_token_id": 49407,
 }
 _VISION_DEFAULTS = {
     "hidden_size": 768,
@@ -71,6 +73,8 @@ def convert_hf_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
             out[_rename(key)] = value
     for group, parts in qkv.items():
         block, kind = group.split("|")
+        if set(parts) != {"q", "k", "v"}:
+            raise ValueError(f"{block}.self_attn has {kind}s for {sorted(parts)}, not q, k and v")
         out[f"{_rename(block + '.')}attn.in_proj_{kind}"] = torch.cat(
             [parts["q"], parts["k"], parts["v"]]
         )
@@ -85,16 +89,18 @@ def _rename(key: str) -> str:
 
 def hf_clip_config(config: dict) -> ClipConfig:
     """ClipConfig from a `CLIPModel` config.json (with transformers' defaults filled in)."""
-    text = {**_TEXT_DEFAULTS, **config.get("text_config", {})}
-    vision = {**_VISION_DEFAULTS, **config.get("vision_config", {})}
+    text, vision = _tower(config, "text"), _tower(config, "vision")
     activation = text["hidden_act"]
     if activation not in ("quick_gelu", "gelu") or vision["hidden_act"] != activation:
         raise ValueError(f"unsupported hidden_act {activation!r}/{vision['hidden_act']!r}")
+    if float(text["layer_norm_eps"]) != float(vision["layer_norm_eps"]):
+        raise ValueError("text and vision layer_norm_eps differ; lpi uses one for both towers")
+    _check_eos(text)
     return ClipConfig(
         embed_dim=int(config.get("projection_dim", 512)),
         vision=VisionConfig(
-            image_size=vision["image_size"],
-            patch_size=vision["patch_size"],
+            image_size=_square(vision["image_size"], "image_size"),
+            patch_size=_square(vision["patch_size"], "patch_size"),
             width=vision["hidden_size"],
             layers=vision["num_hidden_layers"],
             heads=vision["num_attention_heads"],
@@ -111,3 +117,33 @@ def hf_clip_config(config: dict) -> ClipConfig:
         activation=activation,
         layer_norm_eps=float(text["layer_norm_eps"]),
     )
+
+
+def _tower(config: dict, name: str) -> dict:
+    """Defaults, then `<name>_config`, then `<name>_config_dict`, which transformers prefers
+    (older CLIP configs such as openai/clip-vit-large-patch14 carry both)."""
+    defaults = _TEXT_DEFAULTS if name == "text" else _VISION_DEFAULTS
+    return {
+        **defaults,
+        **(config.get(f"{name}_config") or {}),
+        **(config.get(f"{name}_config_dict") or {}),
+    }
+
+
+def _square(value: int | list | tuple, name: str) -> int:
+    if isinstance(value, list | tuple):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"vision {name} {value} is not square")
+        value = value[0]
+    return int(value)
+
+
+def _check_eos(text: dict) -> None:
+    """The backbone pools at the highest token id (CLIP's end-of-text). transformers pools
+    there too when eos_token_id is 2 (legacy configs: argmax) or the last id of the vocabulary
+    (first occurrence); any other id would pool somewhere else."""
+    eos, last = text["eos_token_id"], text["vocab_size"] - 1
+    if eos not in (2, last):
+        raise ValueError(
+            f"text eos_token_id {eos} is neither 2 (legacy) nor the end-of-text id {last}"
+        )

@@ -29,7 +29,9 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 100
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m lpi.pretrain", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lpi.pretrain", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--manifest", type=Path, required=True, help="JSONL manifest of the data")
     parser.add_argument("--split", default="train", help="records of this split (default: train)")
     parser.add_argument("--preset", default="tiny", help="architecture preset (default: tiny)")
@@ -71,7 +73,10 @@ def pretrain(
             scheduler.step()
             with torch.no_grad():
                 backbone.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            total, count = total + float(loss.detach()) * len(batch.pixels), count + len(batch.pixels)
+            total, count = (
+                total + float(loss.detach()) * len(batch.pixels),
+                count + len(batch.pixels),
+            )
         history.append(total / count)
         log.info("epoch %d/%d loss %.4f", epoch + 1, epochs, history[-1])
     backbone.eval().requires_grad_(False)
@@ -89,8 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     backbone = Backbone(load_preset(args.preset))
     size = backbone.config.vision.image_size
     loader = make_loader(
-        records, size, args.batch_size, shuffle=True, seed=args.seed,
-        num_workers=args.workers, cache=True, drop_last=True,
+        records,
+        size,
+        args.batch_size,
+        shuffle=True,
+        seed=args.seed,
+        num_workers=args.workers,
+        cache=True,
+        drop_last=True,
     )
     start = time.perf_counter()
     history = pretrain(backbone, loader, args.epochs, args.lr, args.weight_decay, args.device)
@@ -98,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     save_backbone(backbone.cpu(), args.out)
     log.info(
         "pretrained %s on %d images in %.0f s: loss %.3f -> %.3f, saved %s",
-        args.preset, len(records), time.perf_counter() - start, history[0], history[-1], args.out,
+        args.preset,
+        len(records),
+        time.perf_counter() - start,
+        history[0],
+        history[-1],
+        args.out,
     )
     return 0
 

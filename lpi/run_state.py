@@ -85,8 +85,9 @@ def load_state(folder: Path) -> RunState | None:
         raise RunError(f"{path}: not a readable run file ({err})") from err
     if config.format != RUN_FORMAT:
         raise RunError(f"{path}: run format {config.format}, this version reads {RUN_FORMAT}")
-    return RunState(config, data.get("done", []), data.get("results", []),
-                    data.get("parameters_per_task", 0))
+    return RunState(
+        config, data.get("done", []), data.get("results", []), data.get("parameters_per_task", 0)
+    )
 
 
 def task_file(folder: Path, index: int, task: str) -> Path:

@@ -21,7 +21,8 @@ from lpi import losses
 from lpi.checkpoint import fingerprint, load_backbone
 from lpi.config import PromptConfig
 from lpi.data.loader import eval_set, make_loader
-from lpi.data.manifest import read_manifest, select, tasks as tasks_in_order
+from lpi.data.manifest import read_manifest, select
+from lpi.data.manifest import tasks as tasks_in_order
 from lpi.evaluation import evaluate_seen, make_test_set, summarise
 from lpi.prompts import PromptBank
 from lpi.routing import TaskKeys
@@ -58,8 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backbone", required=True, help="checkpoint path or preset name")
     parser.add_argument("--out", type=Path, required=True, help="run folder (created/resumed)")
     parser.add_argument("--method", default="lpi", choices=list(METHODS))
-    parser.add_argument("--tasks", nargs="+", default=None,
-                        help="task order (default: manifest order of tasks with train records)")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        help="task order (default: manifest order of tasks with train records)",
+    )
     parser.add_argument("--layers", type=int, default=9, help="J prompted layers (capped at depth)")
     parser.add_argument("--tokens", type=int, default=16, help="N prompt tokens per modality")
     parser.add_argument("--rank", type=int, default=4, help="R, rank of the CP factors")
@@ -79,14 +84,23 @@ def start_or_resume(args: argparse.Namespace, backbone, manifest_tasks: list[str
     """A new run's state, or the saved one after checking it matches this command."""
     depth = min(backbone.config.vision.layers, backbone.config.text.layers)
     prompt = PromptConfig(
-        layers=min(args.layers, depth), tokens=args.tokens, rank=args.rank,
+        layers=min(args.layers, depth),
+        tokens=args.tokens,
+        rank=args.rank,
         interaction_rank=args.interaction_rank,
     )
     config = RunConfig(
-        method=args.method, manifest=str(args.manifest), backbone=str(args.backbone),
-        backbone_fingerprint=fingerprint(backbone), tasks=args.tasks or manifest_tasks,
-        prompt=prompt.to_dict(), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, seed=args.seed,
+        method=args.method,
+        manifest=str(args.manifest),
+        backbone=str(args.backbone),
+        backbone_fingerprint=fingerprint(backbone),
+        tasks=args.tasks or manifest_tasks,
+        prompt=prompt.to_dict(),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
     )
     state = load_state(args.out)
     if state is None:
@@ -97,26 +111,43 @@ def start_or_resume(args: argparse.Namespace, backbone, manifest_tasks: list[str
     if saved.method != config.method or saved.prompt != config.prompt:
         raise RunError(f"{args.out}: the run used method {saved.method} with {saved.prompt}")
     if config.tasks[: len(state.done)] != state.done:
-        raise RunError(f"{args.out}: finished tasks {state.done} are not a prefix of {config.tasks}")
+        raise RunError(
+            f"{args.out}: finished tasks {state.done} are not a prefix of {config.tasks}"
+        )
     state.config.tasks = config.tasks  # one more task may be added onto a finished run
     return state
 
 
 def train_task(args, backbone, prompts, records, earlier, targets, spec, device) -> list[float]:
     """Optimise one task's prompts; returns the mean loss of each epoch."""
-    loader = make_loader(records, backbone.config.vision.image_size, args.batch_size,
-                         shuffle=True, seed=args.seed, num_workers=args.workers,
-                         cache=args.cache, drop_last=len(records) > args.batch_size)
-    optimizer, scheduler = make_optimizer(prompts.parameters(), args.lr, args.weight_decay,
-                                          args.epochs * len(loader))
+    loader = make_loader(
+        records,
+        backbone.config.vision.image_size,
+        args.batch_size,
+        shuffle=True,
+        seed=args.seed,
+        num_workers=args.workers,
+        cache=args.cache,
+        drop_last=len(records) > args.batch_size,
+    )
+    optimizer, scheduler = make_optimizer(
+        prompts.parameters(), args.lr, args.weight_decay, args.epochs * len(loader)
+    )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     history = []
     for epoch in range(args.epochs):
         total = 0.0
         for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
             with autocast:
-                parts = step_loss(backbone, prompts, batch.pixels.to(device),
-                                  batch.tokens.to(device), earlier, targets, spec)
+                parts = step_loss(
+                    backbone,
+                    prompts,
+                    batch.pixels.to(device),
+                    batch.tokens.to(device),
+                    earlier,
+                    targets,
+                    spec,
+                )
             optimizer.zero_grad(set_to_none=True)
             parts["total"].backward()
             optimizer.step()
@@ -149,8 +180,10 @@ def run(args: argparse.Namespace) -> RunState:
         module = shared or new_prompts(args.method, prompt_config, backbone).to(device)
         load_task(args.out, index, task, module)
         bank.add(task, module)
-    tests = {t: make_test_set(*eval_set(select(records, t, "test"), backbone.config.vision.image_size))
-             for t in config.tasks}
+    tests = {
+        t: make_test_set(*eval_set(select(records, t, "test"), backbone.config.vision.image_size))
+        for t in config.tasks
+    }
     descriptions = describe_tasks(backbone, config.tasks)
     for index, task in enumerate(config.tasks):
         if task in state.done:
@@ -164,8 +197,9 @@ def run(args: argparse.Namespace) -> RunState:
             earlier = [bank.tasks[name] for name in state.done if bank.tasks[name] is not module]
             similarity = losses.task_similarity(descriptions[: index + 1])
             targets = losses.task_targets(similarity)
-            history = train_task(args, backbone, module, train_records, earlier, targets, spec,
-                                 device)
+            history = train_task(
+                args, backbone, module, train_records, earlier, targets, spec, device
+            )
             bank.add(task, module)
             state.parameters_per_task = module.num_parameters()
         keys.add(task, *frozen_features(backbone, train_records, device))
@@ -174,15 +208,25 @@ def run(args: argparse.Namespace) -> RunState:
         result.update(after_task=task, loss=history, seconds=time.perf_counter() - start)
         module_to_save = bank.tasks[task] if spec.trains else None
         if module_to_save is not None:
-            save_task(args.out, index, task, module_to_save, {"method": args.method,
-                      "prompt": config.prompt, "loss": history})
+            save_task(
+                args.out,
+                index,
+                task,
+                module_to_save,
+                {"method": args.method, "prompt": config.prompt, "loss": history},
+            )
         save_keys(args.out, keys)
         state.done.append(task)
         state.results.append(_finite(result))
         save_state(args.out, state)
-        log.info("task %d/%d %s: R@1 oracle %s, %.0f s", index + 1, len(config.tasks), task,
-                 {t: round(v, 1) for t, v in result["r1"]["oracle"].items()},
-                 time.perf_counter() - start)
+        log.info(
+            "task %d/%d %s: R@1 oracle %s, %.0f s",
+            index + 1,
+            len(config.tasks),
+            task,
+            {t: round(v, 1) for t, v in result["r1"]["oracle"].items()},
+            time.perf_counter() - start,
+        )
     return state
 
 
@@ -206,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", err)
         return 2
     summary = _finite(summarise(state.results))
-    log.info("final mean R@1 %.2f, forgetting %s", summary["final_mean"], summary["mean_forgetting"])
+    log.info(
+        "final mean R@1 %.2f, forgetting %s", summary["final_mean"], summary["mean_forgetting"]
+    )
     return 0
 
 

@@ -77,9 +77,7 @@ def flat_prompts(prompts: nn.Module) -> tuple[Tensor, Tensor]:
     return prompts_v.reshape(-1), prompts_t.reshape(-1)
 
 
-def task_constraint(
-    prompts: nn.Module, earlier: list[nn.Module], targets: Tensor
-) -> Tensor | None:
+def task_constraint(prompts: nn.Module, earlier: list[nn.Module], targets: Tensor) -> Tensor | None:
     """L_task for the current task against detached earlier tasks; None for the first task."""
     if not earlier:
         return None
