@@ -11,6 +11,7 @@ run.json records it done, so a crash loses at most the task in progress.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -56,6 +57,17 @@ class RunState:
     done: list[str] = field(default_factory=list)  # tasks finished, in training order
     results: list[dict] = field(default_factory=list)  # one evaluation after each task
     parameters_per_task: int = 0
+
+
+def json_safe(value):
+    """JSON has no NaN: replace it with None, recursively."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from lpi.run_state import (
     RunConfig,
     RunError,
     RunState,
+    json_safe,
     load_keys,
     load_state,
     load_task,
@@ -217,7 +217,7 @@ def run(args: argparse.Namespace) -> RunState:
             )
         save_keys(args.out, keys)
         state.done.append(task)
-        state.results.append(_finite(result))
+        state.results.append(json_safe(result))
         save_state(args.out, state)
         log.info(
             "task %d/%d %s: R@1 oracle %s, %.0f s",
@@ -230,17 +230,6 @@ def run(args: argparse.Namespace) -> RunState:
     return state
 
 
-def _finite(value):
-    """JSON has no NaN: replace it with None."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = parse_args(argv)
@@ -249,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RunError, ValueError, OSError) as err:
         log.error("%s", err)
         return 2
-    summary = _finite(summarise(state.results))
+    summary = json_safe(summarise(state.results))
     log.info(
         "final mean R@1 %.2f, forgetting %s", summary["final_mean"], summary["mean_forgetting"]
     )
