@@ -225,10 +225,18 @@ class Backbone(nn.Module):
         _check_prefix(
             prefix, "text", token_ids.shape[0], self.config.text.width, self.config.text.layers
         )
-        eot = token_ids.argmax(dim=-1)  # [B]: the end-of-text token has the highest id
-        length = int(eot.max()) + 1
-        x = self.token_embedding(token_ids[:, :length])  # [B, T, D]
-        x = x + self.positional_embedding[:length].to(x.dtype)
+        length = int(token_ids.argmax(dim=-1).max()) + 1  # the batch's last end-of-text token
+        return self.text_tower(token_ids[:, :length], prefix)
+
+    def text_tower(self, token_ids: Tensor, prefix: AnyPrefix | None = None) -> Tensor:
+        """The text forward pass alone: no input checks, no trimming (export traces this).
+
+        Token ids [B, T <= context] -> unit features [B, E], pooled at the end-of-text token
+        (the highest id of each row).
+        """
+        eot = token_ids.argmax(dim=-1)  # [B]
+        x = self.token_embedding(token_ids)  # [B, T, D]
+        x = x + self.positional_embedding[: token_ids.shape[1]].to(x.dtype)
         x = self.transformer(x, prefix, causal=True)
         x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])  # [B, D]
         return F.normalize(x @ self.text_projection, dim=-1)
