@@ -1,0 +1,307 @@
+"""Versioned task-prompt artifacts: one safetensors file per task, checked on every read.
+
+A file holds the task's training factors (`train.*`), its folded prefix factors per encoder and
+layer (`image.key_u` [J, N, R'], `image.key_m` [J, R', D_v], ... spec section 6), and its task
+keys (`keys.image`, `keys.text`, absent for imported prompts); the header's metadata holds the
+format version, task id and name, prompt version (a content hash), backbone fingerprint,
+shapes, dtype, creation time and training metrics, and a sha256 of every tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from lpi import FoldedTask, FoldedTower, TaskPrefix, fingerprint
+
+FORMAT = "lpi-task"
+FORMAT_VERSION = 1
+FOLD_TOLERANCE = 1e-5
+TOWERS = ("image", "text")
+FACTORS = ("key_u", "key_m", "value_u", "value_m")
+
+
+class ArtifactError(ValueError):
+    """A task artifact that cannot be served; the subclass says which check failed."""
+
+
+class ArtifactCorruptError(ArtifactError):
+    """Unreadable, truncated, or its bytes do not match the recorded checksum."""
+
+
+class ArtifactVersionError(ArtifactError):
+    """Written in a format version this code does not read."""
+
+
+class ArtifactShapeError(ArtifactError):
+    """Missing tensors, unexpected tensors, or shapes that do not fit together."""
+
+
+class ArtifactValueError(ArtifactError):
+    """NaN or Inf among the values."""
+
+
+class BackboneMismatchError(ArtifactError):
+    """Made for another backbone: its vectors would not be comparable."""
+
+
+@dataclass(frozen=True)
+class TaskArtifact:
+    path: Path | None
+    meta: dict
+    folded: FoldedTask
+    train: dict[str, Tensor] = field(default_factory=dict)
+    keys: dict[str, Tensor] = field(default_factory=dict)  # "image"/"text": [M, E]
+
+    @property
+    def task_id(self) -> str:
+        return self.meta["task_id"]
+
+    @property
+    def name(self) -> str:
+        return self.meta["task_name"]
+
+    @property
+    def prompt_version(self) -> str:
+        return self.meta["prompt_version"]
+
+    def task_prefix(self) -> TaskPrefix:
+        """Prefix keys and values [J, N, D] of both towers, materialised from the factors."""
+        image_keys, image_values = self.folded.image.materialise()
+        text_keys, text_values = self.folded.text.materialise()
+        return TaskPrefix(image_keys, image_values, text_keys, text_values)
+
+
+def task_id(name: str) -> str:
+    """A file- and URL-safe id for a task name."""
+    slug = re.sub(r"[^a-z0-9_.-]+", "-", name.lower()).strip("-.")
+    if not slug:
+        raise ArtifactError(f"task name {name!r} gives an empty id")
+    return slug
+
+
+def tensors_digest(tensors: dict[str, Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes, in name order: the content's identity."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def build_tensors(
+    folded: FoldedTask, train: dict[str, Tensor], keys: dict[str, Tensor], dtype: torch.dtype
+) -> dict[str, Tensor]:
+    tensors = {f"train.{k}": v.detach().float().cpu() for k, v in train.items()}
+    for tower in TOWERS:
+        factors = getattr(folded, tower)
+        for name in FACTORS:
+            tensors[f"{tower}.{name}"] = getattr(factors, name).detach().to(dtype).cpu()
+    for modality, centres in keys.items():
+        tensors[f"keys.{modality}"] = centres.detach().float().cpu()
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
+def write_artifact(
+    path: Path,
+    name: str,
+    folded: FoldedTask,
+    backbone,
+    train: dict[str, Tensor] | None = None,
+    keys: dict[str, Tensor] | None = None,
+    metrics: dict | None = None,
+    extra: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> TaskArtifact:
+    """Write one task's artifact atomically and return it as `read_artifact` would."""
+    _check_fold_precision(name, folded, dtype)
+    tensors = build_tensors(folded, train or {}, keys or {}, dtype)
+    checksum = tensors_digest(tensors)
+    backbone_fingerprint = fingerprint(backbone)
+    image, text = folded.image, folded.text
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "task_id": task_id(name),
+        "task_name": name,
+        "prompt_version": checksum[:16],
+        "checksum": checksum,
+        "backbone_fingerprint": backbone_fingerprint,
+        "layers": image.key_u.shape[0],
+        "tokens": image.key_u.shape[1],
+        "rank_image": image.rank,
+        "rank_text": text.rank,
+        "width_image": image.key_m.shape[2],
+        "width_text": text.key_m.shape[2],
+        "dtype": str(dtype).removeprefix("torch."),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "metrics": metrics or {},
+        **(extra or {}),
+    }
+    header = {key: json.dumps(value) for key, value in meta.items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=header)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return read_artifact(path, backbone, backbone_fingerprint)
+
+
+def _check_fold_precision(name: str, folded: FoldedTask, dtype: torch.dtype) -> None:
+    """The stored (cast) factors must still reproduce the prefix to 1e-5 relative."""
+    for tower in TOWERS:
+        exact = getattr(folded, tower)
+        cast = exact.to(dtype).to(exact.key_u.dtype)
+        for approx, ref in zip(cast.materialise(), exact.materialise(), strict=True):
+            error = float((approx - ref).norm() / ref.norm().clamp_min(1e-30))
+            if error >= FOLD_TOLERANCE:
+                raise ArtifactValueError(
+                    f"task {name!r}: {dtype} factors reproduce the {tower} prefix to only "
+                    f"{error:.1e} relative (need < 1e-5); export in float32"
+                )
+
+
+def read_artifact(
+    path: str | Path, backbone=None, backbone_fingerprint: str | None = None
+) -> TaskArtifact:
+    """Read and validate an artifact; pass the serving backbone to check it was made for it.
+
+    `backbone_fingerprint` saves hashing the backbone's weights again for every task.
+    """
+    path = Path(path)
+    meta, tensors = _read_file(path)
+    _check_version(path, meta)
+    if tensors_digest(tensors) != meta.get("checksum"):
+        raise ArtifactCorruptError(f"{path}: tensor bytes do not match the recorded checksum")
+    folded = _check_shapes(path, meta, tensors)
+    bad = sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
+    if bad:
+        raise ArtifactValueError(f"{path}: NaN or Inf in {', '.join(bad)}")
+    if backbone is not None:
+        check_backbone(path, meta, backbone, backbone_fingerprint)
+    train = {k.removeprefix("train."): v for k, v in tensors.items() if k.startswith("train.")}
+    keys = {k.removeprefix("keys."): v for k, v in tensors.items() if k.startswith("keys.")}
+    return TaskArtifact(path, meta, folded, train, keys)
+
+
+def _read_file(path: Path) -> tuple[dict, dict[str, Tensor]]:
+    if not path.is_file():
+        raise ArtifactCorruptError(f"{path}: no such artifact file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ArtifactCorruptError(f"{path}: not a readable safetensors file ({err})") from err
+    try:
+        meta = {key: json.loads(value) for key, value in header.items()}
+    except json.JSONDecodeError as err:
+        raise ArtifactCorruptError(f"{path}: metadata is not JSON ({err})") from err
+    return meta, tensors
+
+
+def _check_version(path: Path, meta: dict) -> None:
+    if meta.get("format") != FORMAT:
+        raise ArtifactVersionError(
+            f"{path}: not an lpi task artifact (format {meta.get('format')!r})"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ArtifactVersionError(
+            f"{path}: format version {meta.get('format_version')!r}; this version of lpi-serve "
+            f"reads version {FORMAT_VERSION}: re-export the task with it"
+        )
+    missing = [
+        k
+        for k in (
+            "task_id",
+            "task_name",
+            "prompt_version",
+            "checksum",
+            "backbone_fingerprint",
+            "layers",
+            "tokens",
+        )
+        if k not in meta
+    ]
+    if missing:
+        raise ArtifactShapeError(f"{path}: metadata lacks {', '.join(missing)}")
+
+
+def _check_shapes(path: Path, meta: dict, tensors: dict[str, Tensor]) -> FoldedTask:
+    layers, tokens = meta["layers"], meta["tokens"]
+    towers = {}
+    for tower in TOWERS:
+        names = [f"{tower}.{factor}" for factor in FACTORS]
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise ArtifactShapeError(f"{path}: missing tensors {', '.join(missing)}")
+        key_u, key_m, value_u, value_m = (tensors[n] for n in names)
+        rank, width = key_u.shape[-1], key_m.shape[-1]
+        expected = {
+            "key_u": (layers, tokens, rank),
+            "key_m": (layers, rank, width),
+            "value_u": (layers, tokens, rank),
+            "value_m": (layers, rank, width),
+        }
+        for factor, tensor in zip(FACTORS, (key_u, key_m, value_u, value_m), strict=True):
+            if tuple(tensor.shape) != expected[factor]:
+                raise ArtifactShapeError(
+                    f"{path}: {tower}.{factor} has shape {tuple(tensor.shape)}, expected "
+                    f"{expected[factor]} (J={layers}, N={tokens}, R'={rank}, D={width})"
+                )
+        if meta.get(f"width_{tower}", width) != width:
+            raise ArtifactShapeError(
+                f"{path}: {tower} width {width} != metadata {meta[f'width_{tower}']}"
+            )
+        towers[tower] = FoldedTower(key_u, key_m, value_u, value_m)
+    unknown = [n for n in tensors if not n.startswith(("train.", "keys.", "image.", "text."))]
+    if unknown:
+        raise ArtifactShapeError(f"{path}: unexpected tensors {', '.join(sorted(unknown))}")
+    return FoldedTask(towers["image"], towers["text"])
+
+
+def check_backbone(path: Path | str, meta: dict, backbone, expected: str | None = None) -> None:
+    """The artifact's backbone fingerprint and widths must be the serving backbone's."""
+    config = backbone.config
+    widths = (config.vision.width, config.text.width)
+    if (meta.get("width_image"), meta.get("width_text")) != widths:
+        raise BackboneMismatchError(
+            f"{path}: widths {meta.get('width_image')}/{meta.get('width_text')} do not fit the "
+            f"backbone's {widths[0]}/{widths[1]}"
+        )
+    depth = min(config.vision.layers, config.text.layers)
+    if meta["layers"] > depth:
+        raise BackboneMismatchError(
+            f"{path}: J={meta['layers']} exceeds the backbone depth {depth}"
+        )
+    expected = expected or fingerprint(backbone)
+    if meta["backbone_fingerprint"] != expected:
+        raise BackboneMismatchError(
+            f"{path}: made for backbone {meta['backbone_fingerprint'][:12]}, the serving "
+            f"backbone is {expected[:12]}: re-export the task against it"
+        )
+
+
+def artifact_bytes(
+    layers: int,
+    tokens: int,
+    rank: int,
+    widths: tuple[int, int],
+    train_parameters: int,
+    dtype_bytes: int = 4,
+) -> int:
+    """Tensor bytes of an artifact (headers aside): training factors plus folded factors."""
+    folded = sum(2 * layers * rank * (tokens + width) for width in widths)
+    return dtype_bytes * (folded + train_parameters)
