@@ -141,6 +141,17 @@ class TaskKeys:
         """The centres [M, E] of one task and modality."""
         return self._centres[_modality(modality)][self._names.index(task)]
 
+    def subset(self, tasks: Sequence[str]) -> TaskKeys:
+        """The keys of only these tasks, in this order (e.g. a resumed run's finished ones)."""
+        unknown = sorted(set(tasks) - set(self._names))
+        if unknown:
+            raise ValueError(f"no keys for tasks {unknown}; keys hold {self._names}")
+        keys = TaskKeys(self.clusters, self.seed)
+        keys._names = list(tasks)
+        for modality in MODALITIES:
+            keys._centres[modality] = [self.centres(task, modality) for task in tasks]
+        return keys
+
     def add(self, task: str, image_features: Tensor, text_features: Tensor) -> None:
         """Fit and keep the keys of a new task from its frozen, unprompted training features."""
         if not isinstance(task, str) or not task:

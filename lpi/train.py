@@ -175,6 +175,7 @@ def run(args: argparse.Namespace) -> RunState:
     spec, config = method_spec(args.method), state.config
     prompt_config = config.prompt_config()
     bank, keys = PromptBank(), load_keys(args.out) or TaskKeys()
+    keys = keys.subset(state.done)  # a crash after saving keys but before run.json: drop it
     shared = new_prompts(args.method, prompt_config, backbone).to(device) if spec.shared else None
     for index, task in enumerate(state.done):  # resume: reload the finished tasks
         module = shared or new_prompts(args.method, prompt_config, backbone).to(device)

@@ -53,3 +53,30 @@ def random_prompts(
                 ln.weight.normal_(1.0, 0.2)
                 ln.bias.normal_(0.0, 0.2)
     return prompts
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory):
+    """A small synthetic dataset, a tiny backbone, and short LPI and dense runs on it.
+
+    Trained for real by `python -m lpi.train` (1 epoch, 2 tasks), so export and evaluation
+    tests read exactly what users' runs write.
+    """
+    from lpi.checkpoint import save_backbone
+    from lpi.data import synthetic
+    from lpi.train import main as train_main
+
+    root = tmp_path_factory.mktemp("tiny-runs")
+    synthetic.main([
+        "--out", str(root / "data"), "--tasks", "2", "--train-per-task", "24",
+        "--test-per-task", "12", "--pretrain", "16", "--image-size", "32",
+    ])  # fmt: skip
+    backbone = save_backbone(lpi.load_backbone("tiny", seed=3), root / "backbone.safetensors")
+    for method in ("lpi", "dense"):
+        code = train_main([
+            "--manifest", str(root / "data" / "manifest.jsonl"), "--backbone", str(backbone),
+            "--out", str(root / method), "--method", method, "--layers", "2", "--tokens", "4",
+            "--epochs", "1", "--batch-size", "8", "--cache",
+        ])  # fmt: skip
+        assert code == 0
+    return root

@@ -1,0 +1,115 @@
+"""`python -m lpi.train` and `python -m lpi.evaluate` end to end on a tiny synthetic run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from lpi.evaluate import main as evaluate_main
+from lpi.run_state import load_state, task_file
+from lpi.train import main as train_main
+
+
+def _args(root, out, *extra):
+    return [
+        "--manifest", str(root / "data" / "manifest.jsonl"),
+        "--backbone", str(root / "backbone.safetensors"), "--out", str(out),
+        "--layers", "2", "--tokens", "4", "--epochs", "1", "--batch-size", "8", "--cache",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_run_records_tasks_results_and_zero_oracle_forgetting(tiny_runs):
+    state = load_state(tiny_runs / "lpi")
+    assert state.done == state.config.tasks and len(state.done) == 2
+    assert len(state.results) == 2 and state.parameters_per_task > 0
+    first, last = state.results
+    task = state.done[0]
+    # Earlier tasks' prompts are frozen: with oracle task ids their recall cannot change.
+    assert first["r1"]["oracle"][task] == last["r1"]["oracle"][task]
+    for index, name in enumerate(state.done):
+        assert task_file(tiny_runs / "lpi", index, name).exists()
+    assert (tiny_runs / "lpi" / "keys.safetensors").exists()
+
+
+def test_rerun_resumes_without_retraining(tiny_runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs / "lpi", run)
+    stamps = {p.name: p.stat().st_mtime_ns for p in run.glob("task-*")}
+    assert train_main(_args(tiny_runs, run)) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in run.glob("task-*")} == stamps
+
+
+def test_crash_mid_task_loses_only_that_task(tiny_runs, tmp_path):
+    """A run whose last task never finished: the rerun trains just that task."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs / "lpi", run)
+    data = json.loads((run / "run.json").read_text())
+    lost = data["done"].pop()
+    data["results"].pop()
+    (run / "run.json").write_text(json.dumps(data))
+    task_file(run, 1, lost).unlink()
+    first = task_file(run, 0, data["done"][0])
+    stamp = first.stat().st_mtime_ns
+    assert train_main(_args(tiny_runs, run)) == 0
+    state = load_state(run)
+    assert state.done[-1] == lost and task_file(run, 1, lost).exists()
+    assert first.stat().st_mtime_ns == stamp, "the finished task is not retrained"
+
+
+def test_one_more_task_onto_a_finished_run(tiny_runs, tmp_path):
+    tasks = load_state(tiny_runs / "lpi").done
+    run = tmp_path / "run"
+    assert train_main(_args(tiny_runs, run, "--tasks", tasks[0])) == 0
+    assert load_state(run).done == tasks[:1]
+    assert train_main(_args(tiny_runs, run, "--tasks", *tasks)) == 0
+    assert load_state(run).done == tasks
+
+
+def test_resume_with_another_method_is_refused(tiny_runs, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs / "lpi", run)
+    assert train_main(_args(tiny_runs, run, "--method", "dense")) == 2
+    assert "the run used method lpi" in caplog.text
+
+
+def test_bad_manifest_fails_before_training(tiny_runs, tmp_path, caplog):
+    manifest = tiny_runs / "data" / "broken.jsonl"  # beside the images it names
+    lines = (tiny_runs / "data" / "manifest.jsonl").read_text().splitlines()
+    broken = json.loads(lines[2])
+    broken["image"] = str(tmp_path / "missing.png")
+    lines[2] = json.dumps(broken)
+    manifest.write_text("\n".join(lines) + "\n")
+    args = _args(tiny_runs, tmp_path / "run")
+    args[1] = str(manifest)
+    assert train_main(args) == 2
+    assert f"{manifest}:3" in caplog.text and "missing.png" in caplog.text
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+@pytest.mark.parametrize("method", ["zero-shot", "shared", "lpi-no-interaction"])
+def test_other_methods_run_and_evaluate(tiny_runs, tmp_path, method):
+    run = tmp_path / method
+    assert train_main(_args(tiny_runs, run, "--method", method)) == 0
+    assert evaluate_main([str(run)]) == 0
+    report = json.loads((run / "eval.json").read_text())
+    assert report["method"] == method and len(report["oracle"]["matrix"]) == 2
+
+
+def test_evaluate_reproduces_the_recorded_final_evaluation(tiny_runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs / "lpi", run)
+    assert evaluate_main([str(run)]) == 0
+    report = json.loads((run / "eval.json").read_text())
+    recorded = load_state(run).results[-1]["r1"]
+    assert report["final"]["r1"] == recorded, "checkpoints reproduce what training measured"
+    assert report["oracle"]["mean_forgetting"] == 0.0
+    assert (run / "recall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for direction in ("i2t", "t2i"):
+        assert set(report["final"]["oracle"][report["tasks"][0]]["union"][direction]) == {
+            "1",
+            "5",
+            "10",
+        }
