@@ -64,28 +64,25 @@ def new_prompts(method: str, config: PromptConfig, backbone) -> TaskPrompts | De
     return TaskPrompts.for_backbone(config, backbone)
 
 
-def single_task_prefix(backbone, prompts: nn.Module, batch: int) -> tuple[Prefix, Prefix]:
+def single_task_prefix(
+    backbone, prompts_v: Tensor, prompts_t: Tensor, batch: int
+) -> tuple[Prefix, Prefix]:
     """Image and text prefixes of a batch whose rows all belong to one task (differentiable)."""
-    prefix = task_prefix(backbone, *prompts())
+    prefix = task_prefix(backbone, prompts_v, prompts_t)
     rows = torch.zeros(batch, dtype=torch.long, device=prefix.image_keys.device)
     return batch_prefix([prefix], rows)
 
 
-def flat_prompts(prompts: nn.Module) -> tuple[Tensor, Tensor]:
-    """A task's prompts P'_v, P'_t flattened to one vector each (for the task constraint)."""
-    prompts_v, prompts_t = prompts()
-    return prompts_v.reshape(-1), prompts_t.reshape(-1)
-
-
-def task_constraint(prompts: nn.Module, earlier: list[nn.Module], targets: Tensor) -> Tensor | None:
-    """L_task for the current task against detached earlier tasks; None for the first task."""
+def task_constraint(
+    current: tuple[Tensor, Tensor], earlier: list[nn.Module], targets: Tensor
+) -> Tensor | None:
+    """L_task for the current task's prompts against detached earlier tasks' (None at k = 0)."""
     if not earlier:
         return None
     with torch.no_grad():
-        old = [flat_prompts(p) for p in earlier]
-    current_v, current_t = flat_prompts(prompts)
-    flat_v = torch.stack([*(v for v, _ in old), current_v])  # [K, J*N*D_v]
-    flat_t = torch.stack([*(t for _, t in old), current_t])
+        old = [module() for module in earlier]
+    flat_v = torch.stack([*(v.reshape(-1) for v, _ in old), current[0].reshape(-1)])  # [K, JND]
+    flat_t = torch.stack([*(t.reshape(-1) for _, t in old), current[1].reshape(-1)])
     return losses.task_constraint_loss(flat_v, flat_t, targets)
 
 
@@ -99,13 +96,13 @@ def step_loss(
     spec: MethodSpec,
 ) -> dict[str, Tensor]:
     """The LPI loss of one batch: L_clip + 0.1 L_layer + 0.1 [k >= 1] L_task."""
-    image_prefix, text_prefix = single_task_prefix(backbone, prompts, pixels.shape[0])
+    prompts_v, prompts_t = prompts()  # P'_v [J, N, D_v], P'_t [J, N, D_t], once per step
+    image_prefix, text_prefix = single_task_prefix(backbone, prompts_v, prompts_t, len(pixels))
     image = backbone.encode_image(pixels, image_prefix)
     text = backbone.encode_text(tokens, text_prefix)
-    prompts_v, prompts_t = prompts()
     task = None
     if spec.task_loss and targets is not None:
-        task = task_constraint(prompts, earlier, targets)
+        task = task_constraint((prompts_v, prompts_t), earlier, targets)
     return losses.lpi_loss(
         image, text, backbone.logit_scale, prompts_v, prompts_t, task, spec.layer_loss
     )
