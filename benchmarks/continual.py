@@ -37,17 +37,21 @@ def parse_args() -> argparse.Namespace:
         nargs="*",
         type=int,
         default=[1, 2, 8],
-        help="extra LPI runs at these ranks (the rank sweep; R=4 is 'lpi')",
+        help="extra LPI runs at these ranks (the rank sweep; R=4 is 'lpi'); pass --ranks with "
+        "no value to skip it",
     )
     parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--train-per-task", type=int, default=1000)
     parser.add_argument("--test-per-task", type=int, default=200)
     parser.add_argument("--pretrain-images", type=int, default=4000)
     parser.add_argument("--pretrain-epochs", type=int, default=20)
-    parser.add_argument("--epochs", type=int, default=10, help="epochs per task")
+    parser.add_argument(
+        "--preset", default="small", help="backbone architecture to pretrain (lpi/presets)"
+    )
+    parser.add_argument("--epochs", type=int, default=30, help="epochs per task")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--lr", type=float, default=3e-2)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -80,6 +84,8 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
                 str(backbone),
                 "--epochs",
                 str(args.pretrain_epochs),
+                "--preset",
+                args.preset,
                 "--seed",
                 str(args.seed),
             ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -281,7 +282,28 @@ def test_synthetic_writes_valid_manifests(synthetic_dir):
     summary = json.loads((synthetic_dir / "synthetic.json").read_text())
     assert all(fraction == 1.0 for fraction in summary["unique_test_captions"].values())
     words = {w for r in pretrain for c in r.captions for w in c.split()}
-    assert not words & {"striped", "small", "large", "left", "background"}  # only shape, colour
+    assert {"small", "striped", "left"} <= words  # some also name size, texture, position
+    assert not words & {*synthetic.BACKGROUNDS, "background", "next", "and"}  # never grounds
+    assert not words & {"pattern", "coloured"}  # nor pairs, nor the tasks' templates
+
+
+def test_synthetic_pretrain_captions_name_what_is_drawn(synthetic_dir):
+    """Every pretrain caption names shape, colour and exactly the extras its scene draws."""
+    records = manifest.read_manifest(synthetic_dir / "pretrain.jsonl")
+    scenes = synthetic.make_scenes("pretrain", "train", SMALL["pretrain"], seed=3)
+    kept = manifest.select(records, "pretrain", "train")
+    assert [r.captions for r in kept] == [s.captions for s in scenes]
+    named = Counter(key for scene in scenes for key in scene.attributes)
+    assert named["shape"] == named["colour"] == len(scenes)
+    assert all(0 < named[key] < len(scenes) for key in ("size", "texture", "position"))
+    for scene, record in zip(scenes, kept, strict=True):
+        _check_scene(scene, np.asarray(Image.open(record.image)))
+        (thing,) = scene.things
+        assert thing.texture == scene.attributes.get("texture", "plain")
+        if "size" in scene.attributes:
+            assert abs(thing.radius / synthetic.SIZES[scene.attributes["size"]] - 1) <= 0.1
+        else:  # unnamed sizes stay big enough to learn shape from
+            assert thing.radius >= 0.9 * synthetic.SIZES["medium"]
 
 
 def test_synthetic_captions_name_the_drawn_attributes(synthetic_dir):

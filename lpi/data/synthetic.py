@@ -9,10 +9,14 @@ background; its captions name some of those attributes. Tasks are attribute fami
     sizes-backgrounds  "a small red circle on a teal background"         (named coloured grounds)
 
 Each task's images also look different as a whole (its own background family), so K-Means
-task keys on frozen features can route a query to its task. A separate pretraining set names
-only shape and colour ("a red circle") over images whose texture, size and position vary, so a
-tiny CLIP pretrained on it has not learnt the words and distinctions the tasks add, and task
-prompts have something to learn.
+task keys on frozen features can route a query to its task. A separate pretraining set is
+"partly unseen": every caption names shape and colour, and each of size, texture and position
+is also named (and drawn accordingly) with probability 0.4 ("a small striped red circle in the
+top left"); unnamed ones stay plain, medium or large, anywhere, so a tiny ViT still learns
+shape. Backgrounds, two-object scenes and the tasks' templates never occur in pretraining, so
+task prompts have something to learn: a frozen tower cannot tell apart captions that differ
+only in words it never saw, and prompts cannot create that distinction, but they can learn new
+grounds, binding and task-specific combinations of words it knows.
 
 Test images draw distinct attribute combinations (without replacement), so no two test images
 of a task share a caption's meaning and recall@1 is well defined. Everything is a function of
@@ -169,10 +173,29 @@ def _anywhere(size: str, rng: np.random.Generator) -> tuple[float, float]:
     return tuple(float(v) for v in rng.uniform(margin, 1 - margin, size=2))
 
 
+def _pretrain_extras(attrs: dict, rng: np.random.Generator) -> dict:
+    """Size, texture and position, each named with probability PRETRAIN_NAMING[family]."""
+    named = {key: bool(rng.random() < p) for key, p in PRETRAIN_NAMING.items()}
+    extras = {}
+    if named["position"]:
+        extras["position"] = str(rng.choice(list(POSITIONS)))
+    if named["size"]:  # a large object does not fit a named corner
+        extras["size"] = str(rng.choice(("small", "medium") if named["position"] else list(SIZES)))
+    if named["texture"]:
+        extras["texture"] = str(rng.choice(TEXTURES))
+    return attrs | extras
+
+
 def _pretrain_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]:
-    size = str(rng.choice(list(SIZES)))
-    texture = str(rng.choice(TEXTURES))
-    return (_thing(attrs, rng, _anywhere(size, rng), size, texture),)
+    """Unnamed attributes stay plain, medium or large, anywhere (so shape is easy to learn)."""
+    default = ("medium",) if "position" in attrs else PRETRAIN_SIZES
+    size = attrs.get("size") or str(rng.choice(default))
+    if "position" in attrs:
+        x, y = POSITIONS[attrs["position"]][0]
+        centre = (x + rng.uniform(-0.03, 0.03), y + rng.uniform(-0.03, 0.03))
+    else:
+        centre = _anywhere(size, rng)
+    return (_thing(attrs, rng, centre, size, attrs.get("texture", "plain")),)
 
 
 def _pair_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]:
@@ -201,14 +224,16 @@ def _centred_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]:
 
 
 SHAPE_COLOUR = (("shape", SHAPES), ("colour", tuple(COLOURS)))
+PRETRAIN_SIZES = ("medium", "large")  # unnamed sizes: big enough for a tiny ViT to learn shape
+PRETRAIN_NAMING = {"size": 0.4, "texture": 0.4, "position": 0.4}  # chance each is named
 PRETRAIN = TaskSpec(
     name="pretrain",
     families=SHAPE_COLOUR,
-    templates=(
-        "a {colour} {shape}",
-        "a picture of a {colour} {shape}",
-        "a {shape} in {colour}",
-        "a {colour} {shape} shape",
+    templates=(  # {adjectives}: the named size and texture; {where}: the named position
+        "a {adjectives}{colour} {shape}{where}",
+        "a picture of a {adjectives}{colour} {shape}{where}",
+        "a {adjectives}{shape} in {colour}{where}",
+        "a {adjectives}{colour} {shape} shape{where}",
     ),
     ground=_grey,
     compose=_pretrain_things,
@@ -308,10 +333,16 @@ def _drawable(attrs: dict, ground: RGB) -> bool:
 def captions_for(
     task: TaskSpec, attrs: dict, rng: np.random.Generator, count: int
 ) -> tuple[str, ...]:
-    """`count` captions from distinct templates; each names every attribute of the task."""
+    """`count` captions from distinct templates; each names every attribute of the scene."""
     where = POSITIONS[attrs["position"]][1] if "position" in attrs else ""
+    if task is PRETRAIN:  # optional attributes: adjectives and a trailing position phrase
+        where = " " + where if where else ""
+    adjectives = "".join(f"{attrs[key]} " for key in ("size", "texture") if key in attrs)
     chosen = rng.choice(len(task.templates), size=min(count, len(task.templates)), replace=False)
-    return tuple(with_articles(task.templates[i].format(**attrs, where=where)) for i in chosen)
+    return tuple(
+        with_articles(task.templates[i].format(**attrs, where=where, adjectives=adjectives))
+        for i in chosen
+    )
 
 
 def with_articles(text: str) -> str:
@@ -332,6 +363,8 @@ def make_scenes(
     scenes = []
     for index in picks:
         attrs = dict(pool[index])  # a copy: the pool is cached
+        if task is PRETRAIN:
+            attrs = _pretrain_extras(attrs, rng)
         ground, style = task.ground(attrs, rng)
         things = task.compose(attrs, rng)
         captions = captions_for(task, attrs, rng, captions_per_image)
@@ -578,7 +611,7 @@ def _parser() -> argparse.ArgumentParser:
         help="per task; pretrain gets at most one per shape-colour pair",
     )
     parser.add_argument(
-        "--pretrain", type=int, default=4000, help="pretraining images (shape and colour captions)"
+        "--pretrain", type=int, default=4000, help="pretraining images (no backgrounds, one object)"
     )
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
