@@ -1,8 +1,9 @@
 """The synthetic continual benchmark: every method of spec section 5 on the same data and backbone.
 
 One command makes the README's table: it generates the synthetic captioned images (if absent),
-pretrains the tiny CLIP on the pretraining split (if absent), trains and evaluates each method
-task after task, and prints a table of final mean recall@1 and forgetting; JSON goes next to it.
+pretrains a small CLIP (`--preset`) on the pretraining split (if absent), trains and evaluates
+each method task after task, and prints a table of final mean recall@1 and forgetting; JSON
+goes next to it. On a shared 2-core machine set OMP_NUM_THREADS=1.
 
     python benchmarks/continual.py --out runs/synthetic
 """
