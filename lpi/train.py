@@ -177,7 +177,8 @@ def run(args: argparse.Namespace) -> RunState:
     bank, keys = PromptBank(), load_keys(args.out) or TaskKeys()
     keys = keys.subset(state.done)  # a crash after saving keys but before run.json: drop it
     shared = new_prompts(args.method, prompt_config, backbone).to(device) if spec.shared else None
-    for index, task in enumerate(state.done):  # resume: reload the finished tasks
+    finished = state.done if spec.trains else []  # zero-shot has no prompts to reload
+    for index, task in enumerate(finished):  # resume: reload the finished tasks
         module = shared or new_prompts(args.method, prompt_config, backbone).to(device)
         load_task(args.out, index, task, module)
         bank.add(task, module)

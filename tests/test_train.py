@@ -93,6 +93,7 @@ def test_bad_manifest_fails_before_training(tiny_runs, tmp_path, caplog):
 def test_other_methods_run_and_evaluate(tiny_runs, tmp_path, method):
     run = tmp_path / method
     assert train_main(_args(tiny_runs, run, "--method", method)) == 0
+    assert train_main(_args(tiny_runs, run, "--method", method)) == 0  # resumes: nothing to do
     assert evaluate_main([str(run)]) == 0
     report = json.loads((run / "eval.json").read_text())
     assert report["method"] == method and len(report["oracle"]["matrix"]) == 2
