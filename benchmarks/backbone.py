@@ -14,12 +14,11 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
+from benchkit import time_calls
 
 import lpi
 
@@ -46,24 +45,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/backbone.json"))
     parser.add_argument("--no-open-clip", action="store_true", help="skip the open_clip rows")
     return parser.parse_args()
-
-
-def time_calls(fns: dict[str, callable], repeats: int, min_seconds: float) -> dict[str, float]:
-    """Median seconds per call of each function, measured round-robin so drift hits all alike."""
-    inner = {}
-    for name, fn in fns.items():
-        fn()  # warm-up: first-call allocations and kernel selection
-        start = time.perf_counter()
-        fn()
-        inner[name] = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-9)))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(inner[name]):
-                fn()
-            samples[name].append((time.perf_counter() - start) / inner[name])
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def make_prefixes(backbone: lpi.Backbone, batch: int) -> dict[str, tuple]:

@@ -21,11 +21,8 @@ tokens, R the padded rank R', S pool slots.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from benchkit import table, write_json
 
 from kernels import reference
 
@@ -215,25 +213,6 @@ COLUMNS = {
 }  # fmt: skip
 
 
-def table(rows: list[dict], device: str) -> str:
-    columns = COLUMNS[device]
-    cells = [[name for name, _ in columns]]
-    cells += [[fmt.format(row[name]) if row[name] is not None else "-" for name, fmt in columns]
-              for row in rows]  # fmt: skip
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))
-             for line in cells]  # fmt: skip
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Atomic write: a temp file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(payload, f, indent=2)
-    os.replace(f.name, path)
-
-
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
@@ -248,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(run(setting, args))
     if not cuda:
         add_cpu_ratios(rows)
-    print(table(rows, args.device))
+    print(table(COLUMNS[args.device], rows))
     threads = f"cpu ({torch.get_num_threads()} threads)"
     environment = {
         "device": torch.cuda.get_device_name() if cuda else threads,

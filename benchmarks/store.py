@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import os
 import platform
@@ -32,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from benchkit import table, write_json
 
 from server.store import QdrantStore, VectorStore
 
@@ -160,24 +160,6 @@ def run(backend: str, n: int, args: argparse.Namespace, root: Path) -> dict:
     }
 
 
-def table(rows: list[dict]) -> str:
-    cells = [[name for name, _ in COLUMNS]]
-    cells += [[fmt.format(row[name]) if row[name] is not None else "-" for name, fmt in COLUMNS]
-              for row in rows]  # fmt: skip
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))
-             for line in cells]  # fmt: skip
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Atomic write: a temp file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(payload, f, indent=2)
-    os.replace(f.name, path)
-
-
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -199,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             for backend in args.backends:
                 log.info("running %s with %d points", backend, n)
                 rows.append(run(backend, n, args, Path(root)))
-    print(table(rows))
+    print(table(COLUMNS, rows))
     environment = {
         "cpu": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),

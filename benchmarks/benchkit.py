@@ -1,0 +1,51 @@
+"""What every benchmark script shares: round-robin timing, a text table, an atomic JSON write.
+
+The scripts run as `python benchmarks/NAME.py`, so this sits beside them and imports plainly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def time_calls(fns: dict[str, Callable], repeats: int, min_seconds: float) -> dict[str, float]:
+    """Median seconds per call of each function, measured round-robin so drift hits all alike."""
+    inner = {}
+    for name, fn in fns.items():
+        fn()  # warm-up: first-call allocations and kernel selection
+        start = time.perf_counter()
+        fn()
+        inner[name] = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-9)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / inner[name])
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def table(columns: list[tuple[str, str]], rows: list[dict]) -> str:
+    """Right-aligned text table; `columns` pairs a row key with its format ("-" for None)."""
+    cells = [[name for name, _ in columns]]
+    cells += [[fmt.format(row[name]) if row[name] is not None else "-" for name, fmt in columns]
+              for row in rows]  # fmt: skip
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))
+             for line in cells]  # fmt: skip
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Atomic write: a temp file in the same folder, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(payload, f, indent=2)
+    os.replace(f.name, path)
