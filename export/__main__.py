@@ -16,7 +16,6 @@ from export.artifact import ArtifactError
 from lpi import load_backbone
 
 log = logging.getLogger("export")
-SUBCOMMANDS = ("onnx", "import-dense")
 
 
 def tasks_parser() -> argparse.ArgumentParser:

@@ -123,12 +123,16 @@ def write_artifact(
     metrics: dict | None = None,
     extra: dict | None = None,
     dtype: torch.dtype = torch.float32,
+    backbone_fingerprint: str | None = None,
 ) -> TaskArtifact:
-    """Write one task's artifact atomically and return it as `read_artifact` would."""
+    """Write one task's artifact atomically and return it as `read_artifact` would.
+
+    `backbone_fingerprint` saves hashing the backbone's weights again for every task.
+    """
     _check_fold_precision(name, folded, dtype)
     tensors = build_tensors(folded, train or {}, keys or {}, dtype)
     checksum = tensors_digest(tensors)
-    backbone_fingerprint = fingerprint(backbone)
+    backbone_fingerprint = backbone_fingerprint or fingerprint(backbone)
     image, text = folded.image, folded.text
     meta = {
         "format": FORMAT,
@@ -292,16 +296,3 @@ def check_backbone(path: Path | str, meta: dict, backbone, expected: str | None 
             f"{path}: made for backbone {meta['backbone_fingerprint'][:12]}, the serving "
             f"backbone is {expected[:12]}: re-export the task against it"
         )
-
-
-def artifact_bytes(
-    layers: int,
-    tokens: int,
-    rank: int,
-    widths: tuple[int, int],
-    train_parameters: int,
-    dtype_bytes: int = 4,
-) -> int:
-    """Tensor bytes of an artifact (headers aside): training factors plus folded factors."""
-    folded = sum(2 * layers * rank * (tokens + width) for width in widths)
-    return dtype_bytes * (folded + train_parameters)

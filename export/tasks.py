@@ -41,7 +41,8 @@ def export_run(
         raise RunExportError(f"{run}: no run.json; export reads the folder lpi.train wrote")
     if not method_spec(state.config.method).trains:
         raise RunExportError(f"{run}: method {state.config.method!r} has no prompts to export")
-    if state.config.backbone_fingerprint != fingerprint(backbone):
+    backbone_fingerprint = fingerprint(backbone)  # hashing ViT-B's weights takes seconds: once
+    if state.config.backbone_fingerprint != backbone_fingerprint:
         raise BackboneMismatchError(
             f"{run}: trained on backbone {state.config.backbone} "
             f"({state.config.backbone_fingerprint[:12]}), not the one given"
@@ -54,13 +55,13 @@ def export_run(
     out.mkdir(parents=True, exist_ok=True)
     artifacts = []
     for task in tqdm(wanted, desc="export", leave=False):
-        artifacts.append(_export_task(run, state, task, backbone, keys, out))
+        artifacts.append(_export_task(run, state, task, backbone, keys, out, backbone_fingerprint))
         log.info("exported %s as %s", task, artifacts[-1].path)
     write_index(out, artifacts)
     return artifacts
 
 
-def _export_task(run, state, task, backbone, keys, out) -> TaskArtifact:
+def _export_task(run, state, task, backbone, keys, out, backbone_fingerprint) -> TaskArtifact:
     index = state.done.index(task)
     module = new_prompts(state.config.method, state.config.prompt_config(), backbone)
     meta = load_task(run, index, task, module)
@@ -89,6 +90,7 @@ def _export_task(run, state, task, backbone, keys, out) -> TaskArtifact:
         keys=task_keys,
         metrics=metrics,
         extra=extra,
+        backbone_fingerprint=backbone_fingerprint,
     )
 
 

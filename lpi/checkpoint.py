@@ -83,7 +83,7 @@ def with_activation(config: ClipConfig, activation: str | None) -> ClipConfig:
     return ClipConfig.from_dict({**config.to_dict(), "activation": activation})
 
 
-def read_checkpoint(path: Path, activation: str | None = None) -> tuple[dict, ClipConfig]:
+def read_checkpoint(path: Path) -> tuple[dict, ClipConfig]:
     """OpenAI-layout state dict and its architecture from any supported file or folder."""
     if not path.exists():
         raise CheckpointError(
@@ -103,7 +103,7 @@ def read_checkpoint(path: Path, activation: str | None = None) -> tuple[dict, Cl
         )
     state = normalise_keys(state, path)
     config = _stored_config(config_dict, path) if config_dict else infer_config(state, path)
-    return state, with_activation(config, activation)
+    return state, config
 
 
 def _stored_config(config_dict: dict, path: Path) -> ClipConfig:

@@ -75,10 +75,6 @@ class Prefix:
             return None
         return LayerPrefix(self.keys[index], self.values[index])
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        active = None if self.active is None else self.active.to(device)
-        return Prefix(self.keys.to(device, dtype), self.values.to(device, dtype), active)
-
 
 @dataclass(frozen=True)
 class SlotPrefix:
