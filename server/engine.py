@@ -1,0 +1,443 @@
+"""The server's model runner: a frozen backbone and its loaded tasks behind one small interface.
+
+Why an interface: the registry loads and unloads tasks and the batcher encodes mixed-task
+batches (docs/ARCHITECTURE.md, steps 2-4) without knowing which runtime holds the backbone.
+Two runtimes hold it:
+
+- `TorchEngine`: the backbone in torch; each task's folded prefix factors (spec LPI.md
+  section 6) live in one `kernels.TaskSlotPool` per tower, and a batch reads its rows' slots
+  through an `lpi.SlotPrefix` (the fused kernel on CUDA, its reference elsewhere; section 7).
+- `OnnxEngine`: the export's two onnxruntime graphs; a task's prefix keys and values are
+  materialised once at load and gathered per row into the graphs' prefix inputs.
+
+Both return the same vectors (tests/test_server_engine.py compares them per row). A task is
+named by its key, (task name, prompt version); a row without one runs the bare backbone.
+`add` and `remove` run on the registry's threads while `encode` runs on the batcher's: each
+engine keeps its bookkeeping under one lock, and a batch in flight keeps its tasks' prefixes.
+
+Dimensions: B rows, T tokens, S image side, J prompted layers, N prompt tokens, R' a task's
+rank, D a tower's width, E the embedding size.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+import lpi
+from export.artifact import TaskArtifact
+from kernels import PoolFullError, TaskSlotPool, UnknownTaskError
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (task name, prompt version)
+Modality = Literal["image", "text"]
+TOWERS: tuple[Modality, ...] = ("image", "text")
+KINDS = ("torch", "onnx")
+
+
+class EngineError(ValueError):
+    """An artifact (or a load) this engine cannot hold; `field` names what does not fit."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the registry and the batcher need of a runtime."""
+
+    name: str  # "torch" or "onnx"
+    backbone_id: str  # lpi.fingerprint of the backbone
+    embed_dim: int
+    image_size: int
+    context_length: int
+
+    def check(self, artifact: TaskArtifact) -> None:
+        """Raise EngineError if `add` of this artifact would fail; changes nothing."""
+
+    def add(self, key: Key, artifact: TaskArtifact) -> None:
+        """Load a task under `key`; EngineError if it cannot be held or the key is taken."""
+
+    def remove(self, key: Key) -> None:
+        """Unload a task; the caller guarantees that no queued batch still names it."""
+
+    def encode(self, modality: Modality, inputs: Tensor, keys: Sequence[Key | None]) -> Tensor:
+        """Pixels [B, 3, S, S] or token ids [B, T] and one key per row (None: no task)
+        -> unit-norm features [B, E] float32 on the CPU."""
+
+    def loaded(self) -> list[Key]:
+        """The keys loaded now, in load order."""
+
+
+# ---------------------------------------------------------------------------------- checks
+
+
+def artifact_shape(artifact: TaskArtifact) -> tuple[int, int]:
+    """(J, N) of the artifact; EngineError if its two towers disagree."""
+    image, text = artifact.folded.image.key_u.shape, artifact.folded.text.key_u.shape  # [J, N, R']
+    for field, index in (("artifact.layers", 0), ("artifact.tokens", 1)):
+        if image[index] != text[index]:
+            raise EngineError(
+                f"task {artifact.name!r}: image and text towers have {field.split('.')[1]} "
+                f"{image[index]} and {text[index]}; both must be equal",
+                field,
+            )
+    return image[0], image[1]
+
+
+def check_backbone(artifact: TaskArtifact, backbone_id: str, widths: dict[str, int]) -> None:
+    """The artifact was made for this backbone: same fingerprint, same tower widths D."""
+    made_for = artifact.meta.get("backbone_fingerprint")
+    if made_for != backbone_id:
+        raise EngineError(
+            f"task {artifact.name!r} was made for backbone {str(made_for)[:12]}, this engine "
+            f"serves {backbone_id[:12]}: re-export the task against it",
+            "artifact.backbone_fingerprint",
+        )
+    for tower in TOWERS:
+        width = getattr(artifact.folded, tower).key_m.shape[-1]  # [J, R', D]
+        if width != widths[tower]:
+            raise EngineError(
+                f"task {artifact.name!r}: {tower} width {width}, the backbone's is {widths[tower]}",
+                "artifact.width",
+            )
+
+
+def check_shape(artifact: TaskArtifact, layers: int, tokens: int, held: str) -> None:
+    """J and N must be the engine's, fixed by `held` (the pool's, the ONNX export's)."""
+    got_layers, got_tokens = artifact_shape(artifact)
+    for field, got, want in (
+        ("artifact.layers", got_layers, layers),
+        ("artifact.tokens", got_tokens, tokens),
+    ):
+        if got != want:
+            raise EngineError(
+                f"task {artifact.name!r} has {field.split('.')[1]} {got}; {held} holds "
+                f"{field.split('.')[1]} = {want} only",
+                field,
+            )
+
+
+def check_rows(modality: str, inputs: Tensor, keys: Sequence[Key | None]) -> None:
+    if modality not in TOWERS:
+        raise ValueError(f"modality must be one of {TOWERS}, got {modality!r}")
+    if inputs.dim() < 1 or inputs.shape[0] != len(keys):
+        raise ValueError(f"{len(keys)} keys for inputs of shape {tuple(inputs.shape)}")
+
+
+def already_loaded(key: Key) -> EngineError:
+    return EngineError(f"task {key} is already loaded; remove it first", "task")
+
+
+# ---------------------------------------------------------------------------------- torch
+
+
+class TorchEngine:
+    """The backbone in torch with task slots in two pools (image tower, text tower).
+
+    The pools are made at the first `add`, for that task's J and N and a rank of
+    max(max_rank, its R'); every later task must fit them. `backbone` is moved to `device`
+    and put in eval mode in place (the engine owns it from then on). `backbone_fingerprint`
+    saves hashing the weights again when the caller already has it.
+    """
+
+    name = "torch"
+
+    def __init__(
+        self,
+        backbone: lpi.Backbone,
+        *,
+        device: torch.device | str = "cpu",
+        slots: int = 64,
+        max_rank: int = 16,
+        backbone_fingerprint: str | None = None,
+    ):
+        if slots < 1 or max_rank < 1:
+            raise ValueError(f"slots and max_rank must be >= 1, got {slots} and {max_rank}")
+        self.backbone_id = backbone_fingerprint or lpi.fingerprint(backbone)
+        self.device = torch.device(device)
+        self.backbone = backbone.to(self.device).eval()
+        config = backbone.config
+        self.embed_dim = config.embed_dim
+        self.image_size = config.vision.image_size
+        self.context_length = config.text.context_length
+        self.widths = {"image": config.vision.width, "text": config.text.width}
+        self.depth = min(config.vision.layers, config.text.layers)
+        self.slots, self.max_rank = slots, max_rank
+        self._dtype = next(backbone.parameters()).dtype  # the pools match q: no cast per layer
+        self._lock = threading.Lock()
+        self._pools: dict[str, TaskSlotPool] = {}  # tower -> pool, made at the first add
+        self._keys: dict[Key, None] = {}  # loaded keys in load order
+
+    def check(self, artifact: TaskArtifact) -> None:
+        with self._lock:
+            self._check(artifact)
+
+    def add(self, key: Key, artifact: TaskArtifact) -> None:
+        with self._lock:
+            if key in self._keys:
+                raise already_loaded(key)
+            self._check(artifact)
+            if not self._pools:
+                self._pools = self._new_pools(artifact)
+            self._load(key, artifact)
+            self._keys[key] = None
+        log.info("loaded task %s (R' %d/%d)", key, *self._ranks(artifact))
+
+    def remove(self, key: Key) -> None:
+        with self._lock:
+            if key not in self._keys:
+                raise UnknownTaskError(f"task {key!r} is not loaded")
+            for pool in self._pools.values():
+                pool.free(key)  # a slot still leased by a batch is reused after it
+            del self._keys[key]
+        log.info("unloaded task %s", key)
+
+    def encode(self, modality: Modality, inputs: Tensor, keys: Sequence[Key | None]) -> Tensor:
+        check_rows(modality, inputs, keys)
+        with self._lock:
+            pool = self._pools.get(modality)
+        with torch.inference_mode():
+            data = inputs.to(self.device)
+            if all(key is None for key in keys):
+                out = self._run(modality, data, None)
+            elif pool is None:
+                raise UnknownTaskError(f"no task is loaded; asked for {sorted(set(keys) - {None})}")
+            else:
+                with pool.lease(keys) as slots:  # [B] int32, -1 = no task
+                    # On the host before the lease ends: no later pool write can race the batch.
+                    out = self._run(modality, data, lpi.SlotPrefix(slots, pool))
+        return out.clone()  # a normal tensor: callers may write into it outside inference mode
+
+    def loaded(self) -> list[Key]:
+        with self._lock:
+            return list(self._keys)
+
+    def _run(self, modality: Modality, data: Tensor, prefix: lpi.SlotPrefix | None) -> Tensor:
+        encode = self.backbone.encode_image if modality == "image" else self.backbone.encode_text
+        return encode(data, prefix).to("cpu", torch.float32)  # [B, E]
+
+    def _check(self, artifact: TaskArtifact) -> None:
+        """Everything `add` needs, under the lock: backbone, shape, rank, a free slot."""
+        check_backbone(artifact, self.backbone_id, self.widths)
+        layers, _ = artifact_shape(artifact)
+        if layers > self.depth:
+            raise EngineError(
+                f"task {artifact.name!r} prompts {layers} layers; the backbone has {self.depth}",
+                "artifact.layers",
+            )
+        if not self._pools:
+            return
+        image = self._pools["image"]
+        check_shape(artifact, image.layers, image.tokens, "the task-slot pool")
+        for tower, rank in zip(TOWERS, self._ranks(artifact), strict=True):
+            if rank > self._pools[tower].rank:
+                raise EngineError(
+                    f"task {artifact.name!r}: {tower} rank R'={rank} exceeds the pool's "
+                    f"{self._pools[tower].rank} (raise max_rank)",
+                    "artifact.rank",
+                )
+        if min(pool.available for pool in self._pools.values()) == 0:
+            raise EngineError(
+                f"no free task slot: {len(self._keys)} of {self.slots} hold tasks (the rest "
+                "wait for in-flight batches); unload a task or raise slots",
+                "task",
+            )
+
+    def _new_pools(self, artifact: TaskArtifact) -> dict[str, TaskSlotPool]:
+        layers, tokens = artifact_shape(artifact)
+        pools = {
+            tower: TaskSlotPool(
+                layers,
+                self.slots,
+                tokens,
+                max(self.max_rank, rank),
+                self.widths[tower],
+                device=self.device,
+                dtype=self._dtype,
+            )
+            for tower, rank in zip(TOWERS, self._ranks(artifact), strict=True)
+        }
+        log.info(
+            "task-slot pools: %d slots, J=%d, N=%d, rank %d/%d",
+            self.slots,
+            layers,
+            tokens,
+            pools["image"].rank,
+            pools["text"].rank,
+        )
+        return pools
+
+    def _load(self, key: Key, artifact: TaskArtifact) -> None:
+        """Write both towers' factors; undo the first if the second finds no slot."""
+        done = []
+        try:
+            for tower in TOWERS:
+                folded = getattr(artifact.folded, tower)  # [J, N, R'], [J, R', D]
+                self._pools[tower].add(
+                    key, folded.key_u, folded.key_m, folded.value_u, folded.value_m
+                )
+                done.append(tower)
+        except PoolFullError as err:
+            for tower in done:
+                self._pools[tower].free(key)
+            raise EngineError(str(err), "task") from err
+
+    @staticmethod
+    def _ranks(artifact: TaskArtifact) -> tuple[int, int]:
+        return artifact.folded.image.rank, artifact.folded.text.rank
+
+
+# ---------------------------------------------------------------------------------- onnx
+
+
+class OnnxEngine:
+    """The export's onnxruntime graphs; each task's prefix materialised once, per tower.
+
+    The export fixes J and N (its manifest's "layers" and "tokens"); tasks of another shape
+    are refused. Tasks have no slot limit: each holds 2 x 2 x [J, N, D] float32 on the host.
+    """
+
+    name = "onnx"
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        backbone_fingerprint: str,
+        embed_dim: int,
+        image_size: int,
+        context_length: int,
+        precision: str = "float32",
+        threads: int | None = None,
+        providers: list[str] | None = None,
+    ):
+        from export.onnx_export import OnnxTowers  # onnxruntime loads only for this engine
+
+        self.towers = OnnxTowers(
+            directory,
+            fingerprint=backbone_fingerprint,
+            precision=precision,
+            providers=providers,
+            threads=threads,
+        )
+        manifest = self.towers.manifest
+        given = {"embed_dim": embed_dim, "image_size": image_size, "context_length": context_length}
+        wrong = {k: (v, manifest[k]) for k, v in given.items() if manifest[k] != v}
+        if wrong:
+            raise ValueError(f"{directory}: the export does not fit the backbone: {wrong}")
+        self.backbone_id = backbone_fingerprint
+        self.embed_dim, self.image_size, self.context_length = embed_dim, image_size, context_length
+        self.layers, self.tokens = self.towers.layers, self.towers.tokens
+        self.widths = dict(manifest["widths"])
+        self._lock = threading.Lock()
+        self._prefixes: dict[Key, dict[str, tuple[Tensor, Tensor]]] = {}  # tower -> K_p, V_p
+
+    def check(self, artifact: TaskArtifact) -> None:
+        check_backbone(artifact, self.backbone_id, self.widths)
+        check_shape(artifact, self.layers, self.tokens, "the ONNX export")
+
+    def add(self, key: Key, artifact: TaskArtifact) -> None:
+        self.check(artifact)
+        prefixes = {}
+        for tower in TOWERS:
+            keys, values = getattr(artifact.folded, tower).materialise()  # [J, N, D] each
+            prefixes[tower] = (keys.float().contiguous(), values.float().contiguous())
+        with self._lock:
+            if key in self._prefixes:
+                raise already_loaded(key)
+            self._prefixes[key] = prefixes
+        log.info("loaded task %s", key)
+
+    def remove(self, key: Key) -> None:
+        with self._lock:
+            if self._prefixes.pop(key, None) is None:
+                raise UnknownTaskError(f"task {key!r} is not loaded")
+        log.info("unloaded task %s", key)
+
+    def encode(self, modality: Modality, inputs: Tensor, keys: Sequence[Key | None]) -> Tensor:
+        check_rows(modality, inputs, keys)
+        data = inputs.detach().cpu()
+        if modality == "text":
+            data = data[:, : int(data.argmax(dim=-1).max()) + 1]  # cut after the last EOT
+        run = self.towers.encode_image if modality == "image" else self.towers.encode_text
+        rows = self._rows(modality, keys)
+        if all(row is None for row in rows):
+            out = run(data)
+        else:
+            out = run(data, *self._gather(modality, rows))
+        return torch.as_tensor(out).to("cpu", torch.float32)  # [B, E]
+
+    def loaded(self) -> list[Key]:
+        with self._lock:
+            return list(self._prefixes)
+
+    def _rows(self, modality: Modality, keys: Sequence[Key | None]) -> list:
+        """Each row's (K_p, V_p) [J, N, D], or None; taken under the lock, then immutable."""
+        with self._lock:
+            missing = sorted({k for k in keys if k is not None and k not in self._prefixes})
+            if missing:
+                raise UnknownTaskError(f"tasks {missing} are not loaded")
+            return [None if k is None else self._prefixes[k][modality] for k in keys]
+
+    def _gather(self, modality: Modality, rows: list) -> tuple[Tensor, Tensor, Tensor]:
+        """Prefix keys, values [J, B, N, D] (zeros for rows without a task) and active [B]."""
+        zeros = torch.zeros(self.layers, self.tokens, self.widths[modality])  # [J, N, D]
+        keys = torch.stack([zeros if row is None else row[0] for row in rows], dim=1)
+        values = torch.stack([zeros if row is None else row[1] for row in rows], dim=1)
+        active = torch.tensor([row is not None for row in rows])  # [B] bool
+        return keys, values, active
+
+
+# ---------------------------------------------------------------------------------- factory
+
+
+def build_engine(
+    kind: str,
+    backbone: lpi.Backbone,
+    *,
+    device: torch.device | str = "cpu",
+    slots: int = 64,
+    max_rank: int = 16,
+    onnx_dir: str | Path | None = None,
+    threads: int | None = None,
+    precision: str = "float32",
+    backbone_fingerprint: str | None = None,
+) -> Engine:
+    """The engine of `kind` ("torch" or "onnx") serving `backbone`.
+
+    slots and max_rank size the torch pools; onnx_dir, threads (intra-op threads) and
+    precision ("float32" or "float16") configure onnxruntime, on the CPU when `device` is.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"engine kind must be one of {KINDS}, got {kind!r}")
+    backbone_fingerprint = backbone_fingerprint or lpi.fingerprint(backbone)
+    if kind == "torch":
+        return TorchEngine(
+            backbone,
+            device=device,
+            slots=slots,
+            max_rank=max_rank,
+            backbone_fingerprint=backbone_fingerprint,
+        )
+    if onnx_dir is None:
+        raise ValueError("the onnx engine needs onnx_dir, the folder python -m export onnx wrote")
+    config = backbone.config
+    return OnnxEngine(
+        onnx_dir,
+        backbone_fingerprint=backbone_fingerprint,
+        embed_dim=config.embed_dim,
+        image_size=config.vision.image_size,
+        context_length=config.text.context_length,
+        precision=precision,
+        threads=threads,
+        providers=["CPUExecutionProvider"] if torch.device(device).type == "cpu" else None,
+    )

@@ -1,0 +1,459 @@
+"""The task registry: which prompt versions serve which task, loaded, swapped and unloaded live.
+
+Each task has an *active* version (the newest loaded: `/embed` and `/index` use it) and a
+*serving* version (the store's: `/search` embeds its query with it, so a search only ever
+compares vectors of one prompt version). After a replace the two differ until the caller
+re-indexes and promotes; both stay loaded in the engine meanwhile.
+
+A request *pins* the versions it uses for its whole life, so a swap never changes a request
+mid-flight: a version that is neither active nor serving any more leaves the engine only when
+its last pin is released.
+
+Loading is all-or-nothing: the artifact is validated (format, checksum, shapes, finite values,
+made for this backbone), checked against the engine, copied into the state directory and added
+to the engine before anything visible changes; `registry.json` is then rewritten atomically, so
+after a crash the registry comes back with the last versions that loaded successfully.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from export import ArtifactError, TaskArtifact, read_artifact
+from lpi.routing import TaskKeys
+from server.engine import Engine, EngineError, Key
+from server.metrics import Metrics
+from server.store import StoreError, UnknownTaskError, VectorStore
+
+log = logging.getLogger("server.registry")
+
+STATE_FILE = "registry.json"
+STATE_FORMAT = 1
+Purpose = Literal["active", "serving"]
+
+
+class RegistryError(Exception):
+    """Base of the registry's refusals; `field` names the request field at fault."""
+
+    status = 409
+    kind = "conflict"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class TaskNotLoadedError(RegistryError):
+    status = 404
+    kind = "unknown_task"
+
+
+class VersionNotLoadedError(RegistryError):
+    status = 409
+    kind = "version_not_loaded"
+
+
+class InvalidArtifactError(RegistryError):
+    status = 422
+    kind = "invalid_artifact"
+
+
+@dataclass
+class LoadedVersion:
+    version: str
+    artifact: TaskArtifact
+    file: Path  # our own copy, under the state directory
+    loaded_at: float
+    pins: int = 0
+
+
+@dataclass
+class TaskState:
+    name: str
+    active: str
+    serving: str | None
+    versions: dict[str, LoadedVersion] = field(default_factory=dict)
+
+    def needed(self) -> set[str]:
+        return {self.active} | ({self.serving} if self.serving else set())
+
+
+class TaskRegistry:
+    """Tasks by name -> loaded prompt versions in the engine; thread-safe."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        store: VectorStore,
+        state_dir: Path,
+        backbone,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.state_dir = Path(state_dir)
+        self.backbone = backbone
+        self.metrics = metrics
+        self._tasks: dict[str, TaskState] = {}
+        self._lock = threading.RLock()  # guards _tasks and pins
+        self._admin = threading.Lock()  # one load/promote/unload at a time
+        self._keys_cache: TaskKeys | None = None
+        self._orphans: dict[Key, LoadedVersion] = {}  # unloaded tasks' versions still pinned
+        (self.state_dir / "artifacts").mkdir(parents=True, exist_ok=True)
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._tasks)
+
+    def __contains__(self, task: object) -> bool:
+        with self._lock:
+            return task in self._tasks
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._tasks)
+
+    def info(self, task: str) -> dict:
+        """What `GET /tasks/{task}` shows (the fields of `schema.TaskInfo`)."""
+        with self._lock:
+            state = self._require(task)
+            loaded = state.versions[state.active]
+            versions = sorted(state.versions)
+            serving = state.serving
+        meta = loaded.artifact.meta
+        return {
+            "task": task,
+            "prompt_version": loaded.version,
+            "serving_version": serving,
+            "loaded_versions": versions,
+            "source_task": loaded.artifact.task_id,
+            "method": meta.get("method"),
+            "layers": int(meta["layers"]),
+            "tokens": int(meta["tokens"]),
+            "ranks": {t: int(getattr(loaded.artifact.folded, t).rank) for t in ("image", "text")},
+            "has_keys": bool(loaded.artifact.keys),
+            "loaded_at": loaded.loaded_at,
+            "vectors": self._count(task, serving),
+        }
+
+    def serving_version(self, task: str) -> str | None:
+        with self._lock:
+            return self._require(task).serving
+
+    def task_keys(self) -> TaskKeys:
+        """Routing keys of every active version that has them (for task='auto')."""
+        with self._lock:
+            if self._keys_cache is None:
+                keys = TaskKeys()
+                for name, state in sorted(self._tasks.items()):
+                    artifact = state.versions[state.active].artifact
+                    if {"image", "text"} <= set(artifact.keys):
+                        keys.add(name, artifact.keys["image"], artifact.keys["text"])
+                self._keys_cache = keys
+            return self._keys_cache
+
+    # -- pins ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def pin(self, task: str, purpose: Purpose = "active") -> Iterator[Key]:
+        """Hold the version a request uses; yields the engine key (task, version)."""
+        with self.pin_many([task], purpose) as keys:
+            yield keys[task]
+
+    @contextmanager
+    def pin_many(self, tasks: Sequence[str], purpose: Purpose = "active") -> Iterator[dict]:
+        """Pin several tasks at once (rows routed to different tasks); task -> key."""
+        pinned: list[tuple[str, str]] = []
+        with self._lock:
+            for task in dict.fromkeys(tasks):
+                state = self._require(task)
+                version = state.active if purpose == "active" else state.serving
+                if version is None or version not in state.versions:
+                    raise VersionNotLoadedError(
+                        f"task {task!r}: the store serves prompt version {state.serving!r}, which "
+                        "is not loaded; load it, promote the loaded version, or search with "
+                        "accept_mismatch",
+                        field="task",
+                    )
+                state.versions[version].pins += 1
+                pinned.append((task, version))
+        try:
+            yield {task: (task, version) for task, version in pinned}
+        finally:
+            with self._lock:
+                for task, version in pinned:
+                    self._unpin(task, version)
+
+    # -- admin --------------------------------------------------------------------------------
+
+    def load(
+        self, task: str, source: Path, *, promote: bool = False
+    ) -> tuple[dict, str | None, bool]:
+        """Load (or replace) `task` from an artifact file; returns (info, previous, changed).
+
+        Any failure leaves the registry, the engine and the store as they were.
+        """
+        with self._admin:
+            started = time.perf_counter()
+            artifact = self._read(source)
+            version = artifact.prompt_version
+            with self._lock:
+                previous = self._tasks[task].active if task in self._tasks else None
+                already = task in self._tasks and version in self._tasks[task].versions
+            if already:
+                if previous == version and not promote:
+                    return self.info(task), previous, False
+                return self._activate_loaded(task, version, promote, started)
+            self._check_engine(artifact)
+            file = self._keep_copy(task, artifact, source)
+            key = (task, version)
+            self.engine.add(key, artifact)
+            try:
+                self.store.ensure_task(task, self.engine.embed_dim, version)
+                if promote:
+                    self.store.promote(task, version)
+                serving = self.store.serving_version(task)
+            except Exception:
+                self.engine.remove(key)
+                raise
+            loaded = LoadedVersion(version, artifact, file, time.time())
+            with self._lock:
+                state = self._tasks.get(task)
+                if state is None:
+                    state = self._tasks[task] = TaskState(task, version, serving)
+                state.versions[version] = loaded
+                state.active, state.serving = version, serving
+                self._settle(state)
+            self._save_state()
+            self._observe_swap(started, previous != version)
+            log.info("task %s: version %s loaded (was %s)", task, version, previous)
+            return self.info(task), previous, True
+
+    def promote(self, task: str, version: str) -> dict:
+        """Make a loaded version the one /search uses (the store's serving version)."""
+        with self._admin, self._lock:
+            state = self._require(task)
+            if version not in state.versions:
+                raise VersionNotLoadedError(
+                    f"task {task!r} has no loaded prompt version {version!r} "
+                    f"(loaded: {sorted(state.versions)})",
+                    field="version",
+                )
+            self.store.promote(task, version)
+            state.serving = version
+            self._settle(state)
+        self._save_state()
+        return self.info(task)
+
+    def unload(self, task: str, *, delete_vectors: bool = False) -> list[str]:
+        """Stop serving `task`; stored vectors are kept unless `delete_vectors`."""
+        with self._admin:
+            with self._lock:
+                state = self._tasks.pop(self._require(task).name)
+                versions = sorted(state.versions)
+                self._keys_cache = None
+                for version in versions:
+                    if state.versions[version].pins == 0:
+                        self.engine.remove((task, version))
+                    else:
+                        self._orphans[(task, version)] = state.versions[version]
+                self._set_gauges()
+            self._save_state()
+            if delete_vectors:
+                with contextlib.suppress(UnknownTaskError):  # never indexed
+                    self.store.delete_task(task)
+            log.info("task %s unloaded (versions %s)", task, versions)
+            return versions
+
+    def restore(self) -> list[str]:
+        """Reload the tasks of `registry.json`; returns what failed (logged, not fatal)."""
+        failures = []
+        for task, entry in self._read_state().items():
+            for version in entry["versions"]:
+                try:
+                    self._restore_version(task, version, entry["active"])
+                except (ArtifactError, EngineError, RegistryError, StoreError, OSError) as err:
+                    log.error("task %s version %s not restored: %s", task, version, err)
+                    failures.append(f"{task}@{version}: {err}")
+        with self._lock:
+            for state in self._tasks.values():
+                self._settle(state)
+        self._save_state()
+        return failures
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _require(self, task: str) -> TaskState:
+        state = self._tasks.get(task)
+        if state is None:
+            raise TaskNotLoadedError(
+                f"task {task!r} is not loaded (loaded: {sorted(self._tasks) or 'none'})",
+                field="task",
+            )
+        return state
+
+    def _unpin(self, task: str, version: str) -> None:
+        state = self._tasks.get(task)
+        loaded = state.versions.get(version) if state else None
+        if loaded is None:  # unloaded meanwhile
+            loaded = self._orphans.get((task, version))
+            if loaded is None:
+                return
+        loaded.pins -= 1
+        if state is not None:
+            self._settle(state)
+        elif loaded.pins == 0:
+            self._orphans.pop((task, version), None)
+            self.engine.remove((task, version))
+
+    def _settle(self, state: TaskState) -> None:
+        """Drop versions that are neither active nor serving and hold no pin."""
+        for version in list(state.versions):
+            if version not in state.needed() and state.versions[version].pins == 0:
+                del state.versions[version]
+                self.engine.remove((state.name, version))
+        self._keys_cache = None
+        self._set_gauges()
+
+    def _activate_loaded(self, task: str, version: str, promote: bool, started: float):
+        with self._lock:
+            state = self._tasks[task]
+            previous = state.active
+            state.active = version
+            if promote:
+                self.store.promote(task, version)
+                state.serving = version
+            self._settle(state)
+        self._save_state()
+        self._observe_swap(started, previous != version)
+        return self.info(task), previous, previous != version
+
+    def _read(self, source: Path) -> TaskArtifact:
+        try:
+            return read_artifact(source, self.backbone, self.engine.backbone_id)
+        except ArtifactError as err:
+            raise InvalidArtifactError(str(err), field="artifact") from err
+
+    def _check_engine(self, artifact: TaskArtifact) -> None:
+        try:
+            self.engine.check(artifact)
+        except EngineError as err:
+            raise InvalidArtifactError(str(err), field=getattr(err, "field", "artifact")) from err
+
+    def _keep_copy(self, task: str, artifact: TaskArtifact, source: Path) -> Path:
+        """Copy the artifact under the state directory (atomically), where restarts find it."""
+        target = self.state_dir / "artifacts" / task / f"{artifact.prompt_version}.safetensors"
+        if target.exists() and target.resolve() != Path(source).resolve():
+            return target  # same content hash: same file
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".safetensors")
+        os.close(handle)
+        try:
+            shutil.copyfile(source, temp)
+            _fsync(temp)
+            os.replace(temp, target)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+        return target
+
+    def _count(self, task: str, version: str | None) -> int:
+        if version is None:
+            return 0
+        try:
+            return self.store.count(task, version)
+        except StoreError:
+            return 0
+
+    def _observe_swap(self, started: float, changed: bool) -> None:
+        if self.metrics and changed:
+            self.metrics.swaps.inc()
+            self.metrics.swap_seconds.observe(time.perf_counter() - started)
+
+    def _set_gauges(self) -> None:
+        if self.metrics:
+            self.metrics.tasks_loaded.set(len(self._tasks))
+            held = sum(len(s.versions) for s in self._tasks.values()) + len(self._orphans)
+            self.metrics.versions_loaded.set(held)
+
+    # -- the state file -----------------------------------------------------------------------
+
+    def _state_path(self) -> Path:
+        return self.state_dir / STATE_FILE
+
+    def _save_state(self) -> None:
+        with self._lock:
+            tasks = {
+                name: {
+                    "active": state.active,
+                    "versions": {
+                        v: str(loaded.file.relative_to(self.state_dir))
+                        for v, loaded in sorted(state.versions.items())
+                    },
+                }
+                for name, state in sorted(self._tasks.items())
+            }
+        _write_json_atomic(self._state_path(), {"format": STATE_FORMAT, "tasks": tasks})
+
+    def _read_state(self) -> dict:
+        path = self._state_path()
+        if not path.exists():
+            return {}
+        data = json.loads(path.read_text())
+        if data.get("format") != STATE_FORMAT:
+            raise RegistryError(f"{path}: unknown registry format {data.get('format')!r}")
+        return data["tasks"]
+
+    def _restore_version(self, task: str, version: str, active: str) -> None:
+        file = self.state_dir / "artifacts" / task / f"{version}.safetensors"
+        artifact = self._read(file)
+        if artifact.prompt_version != version:
+            raise InvalidArtifactError(f"{file}: holds version {artifact.prompt_version}")
+        self._check_engine(artifact)
+        self.engine.add((task, version), artifact)
+        self.store.ensure_task(task, self.engine.embed_dim, version)
+        serving = self.store.serving_version(task)
+        with self._lock:
+            state = self._tasks.get(task)
+            if state is None:
+                state = self._tasks[task] = TaskState(task, version, serving)
+            state.versions[version] = LoadedVersion(version, artifact, file, time.time())
+            if version == active or state.active not in state.versions:
+                state.active = version
+            state.serving = serving
+            self._keys_cache = None
+            self._set_gauges()
+
+
+def _fsync(path: str | Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(data, out, indent=2, sort_keys=True)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,1 @@
+"""One router per resource: embed, vectors (index and search), tasks, health."""

@@ -1,0 +1,86 @@
+"""POST /embed: texts and images -> unit vectors, with a task's prompt, routed, or bare."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import ValidationError
+
+from server import schema
+from server.errors import ApiError
+from server.inputs import decode_base64
+from server.routes.deps import require_api_key, service
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+MULTIPART_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/EmbedRequest"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "task": {"type": "string", "pattern": schema.TASK_PATTERN},
+                        "texts": {"type": "array", "items": {"type": "string"}},
+                        "images": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                        },
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+@router.post(
+    "/embed",
+    response_model=schema.EmbedResponse,
+    responses={422: {"model": schema.ErrorBody}, 404: {"model": schema.ErrorBody}},
+    openapi_extra=MULTIPART_DOC,
+)
+async def embed(request: Request) -> dict:
+    """Embed texts and images (JSON with base64 images, or a multipart form with files)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        task, texts, images = await _from_form(request)
+    else:
+        body = await _json_body(request, schema.EmbedRequest)
+        task, texts = body.task, body.texts
+        images = [decode_base64(s, f"images[{i}]") for i, s in enumerate(body.images)]
+    request.state.task = task
+    return await service(request).embed(task, texts, images)
+
+
+async def _json_body(request: Request, model):
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as err:
+        from fastapi.exceptions import RequestValidationError
+
+        raise RequestValidationError(err.errors()) from None
+
+
+async def _from_form(request: Request) -> tuple[str | None, list[str], list[bytes]]:
+    limit = request.app.state.settings.max_items
+    form = await request.form(max_files=limit, max_fields=limit + 1)
+    task = form.get("task")
+    if task is not None and (not isinstance(task, str) or not re.match(schema.TASK_PATTERN, task)):
+        raise ApiError(422, "invalid_request", "task: not a task name", "task")
+    texts, images = [], []
+    for text in form.getlist("texts"):
+        if not isinstance(text, str):
+            raise ApiError(422, "invalid_request", "texts: give texts as plain fields", "texts")
+        texts.append(text)
+    for i, upload in enumerate(form.getlist("images")):
+        if isinstance(upload, str):
+            raise ApiError(422, "invalid_request", f"images[{i}]: send a file", f"images[{i}]")
+        images.append(await upload.read())
+    if not texts and not images:
+        raise ApiError(422, "empty_batch", "nothing to embed: give texts or images", "texts")
+    return task or None, texts, images

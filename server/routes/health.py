@@ -1,0 +1,42 @@
+"""GET /healthz (the process answers), /readyz (it can serve), /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server import schema
+
+router = APIRouter()
+
+
+@router.get("/healthz", response_model=schema.Health)
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz", response_model=schema.Readiness, responses={503: {"model": schema.Readiness}}
+)
+async def readyz(request: Request):
+    state = request.app.state
+    service = state.service
+    reasons = list(state.restore_failures)
+    queued = service.batcher.queued_rows
+    if queued >= service.batcher.max_queue_rows:
+        reasons.append("the queue is full")
+    body = {
+        "ready": not reasons or reasons == list(state.restore_failures),
+        "backbone": service.engine.backbone_id,
+        "engine": service.engine.name,
+        "tasks": len(service.registry),
+        "queue_rows": queued,
+        "reasons": reasons,
+    }
+    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
