@@ -223,10 +223,7 @@ class TaskRegistry:
             key = (task, version)
             self.engine.add(key, artifact)
             try:
-                self.store.ensure_task(task, self.engine.embed_dim, version)
-                if promote:
-                    self.store.promote(task, version)
-                serving = self.store.serving_version(task)
+                serving = self._ensure_stored(task, version, promote)
             except Exception:
                 self.engine.remove(key)
                 raise
@@ -242,6 +239,25 @@ class TaskRegistry:
             self._observe_swap(started, previous != version)
             log.info("task %s: version %s loaded (was %s)", task, version, previous)
             return self.info(task), previous, True
+
+    def _ensure_stored(self, task: str, version: str, promote: bool) -> str:
+        """Room for the version's vectors; returns the serving version afterwards.
+
+        A serving version that no loaded prompt can query (the task was unloaded, or its
+        artifact is gone) would make /search fail until promoted, so the new one takes over.
+        """
+        self.store.ensure_task(task, self.engine.embed_dim, version)
+        serving = self.store.serving_version(task)
+        with self._lock:
+            state = self._tasks.get(task)
+            orphaned = serving != version and (state is None or serving not in state.versions)
+        if promote or orphaned:
+            if orphaned and not promote:
+                log.warning("task %s: serving version %s is not loaded; %s takes over",
+                            task, serving, version)  # fmt: skip
+            self.store.promote(task, version)
+            serving = version
+        return serving
 
     def promote(self, task: str, version: str) -> dict:
         """Make a loaded version the one /search uses (the store's serving version)."""
@@ -357,9 +373,7 @@ class TaskRegistry:
     def _keep_copy(self, task: str, artifact: TaskArtifact, source: Path) -> Path:
         """Copy the artifact under the state directory (atomically), where restarts find it."""
         target = self.state_dir / "artifacts" / task / f"{artifact.prompt_version}.safetensors"
-        if target.exists() and target.resolve() != Path(source).resolve():
-            return target  # same content hash: same file
-        if target.exists():
+        if target.exists():  # the same prompt version, kept by an earlier load
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, temp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".safetensors")

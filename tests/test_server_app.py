@@ -479,3 +479,22 @@ def test_torch_threads_are_not_changed_without_a_setting(app_settings):
             return torch.get_num_threads()
 
     assert run(scenario()) == threads
+
+
+def test_reloading_an_unloaded_task_with_a_new_version_takes_over_search(app_settings, artifacts):
+    """Vectors kept from an unloaded version cannot be queried: the new version serves."""
+    inbox, files = artifacts
+
+    async def scenario():
+        async with running(create_app(app_settings())) as client:
+            await load(client, "t", files["lpi"][0], inbox)
+            await client.post("/index", json={"task": "t", "items": [{"id": "old", "text": "x"}]})
+            await client.delete("/tasks/t")
+            again = await load(client, "t", files["dense"][0], inbox)
+            await client.post("/index", json={"task": "t", "items": [{"id": "new", "text": "x"}]})
+            found = await client.post("/search", json={"task": "t", "query": {"text": "x"}})
+            return again, found
+
+    again, found = run(scenario())
+    assert again["task"]["serving_version"] == again["task"]["prompt_version"]
+    assert [h["id"] for h in found.json()["hits"]] == ["new"]

@@ -1,0 +1,54 @@
+"""Settings: defaults, env vars, CLI flags (which win), and refusals at start."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from server.settings import Settings, parse_settings
+
+
+def test_defaults_are_safe():
+    settings = Settings()
+    assert settings.host == "127.0.0.1"
+    assert settings.admin_key is None and settings.api_key is None
+    assert settings.store == "local" and settings.engine == "torch"
+
+
+def test_env_vars_then_flags(monkeypatch):
+    monkeypatch.setenv("LPI_PORT", "9001")
+    monkeypatch.setenv("LPI_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("LPI_ADMIN_KEY", "s3cret")
+    settings = parse_settings(["--port", "9002", "--store", "edge"])
+    assert settings.port == 9002  # the flag wins over the environment
+    assert settings.max_batch_size == 7 and settings.store == "edge"
+    assert settings.admin_key.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(settings)  # secrets never reach logs
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"store": "ftp://x"},
+        {"engine": "onnx"},  # without onnx_dir
+        {"max_batch_size": 0},
+        {"port": 70000},
+        {"max_items": 5000, "max_queue_rows": 100},
+        {"colour": "red"},
+    ],
+)
+def test_unsafe_or_contradictory_values_are_refused(values):
+    with pytest.raises(ValidationError):
+        Settings(**values)
+
+
+def test_server_help_lists_every_setting():
+    out = subprocess.run(
+        [sys.executable, "-m", "server", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    for flag in ("--backbone", "--store", "--max-batch-size", "--admin-key", "--host"):
+        assert flag in out.stdout
