@@ -30,21 +30,27 @@ FilterValue = str | int | bool
 
 
 class Model(BaseModel):
-    """Unknown fields are refused, so a misspelt option is an error and not silently ignored."""
+    """Requests: unknown fields are refused, so a misspelt option is an error, not ignored."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class Reply(BaseModel):
+    """Responses: unknown fields are ignored, so a newer server's additions break no client."""
+
+    model_config = ConfigDict(extra="ignore")
 
 
 # -- errors -------------------------------------------------------------------------------------
 
 
-class ErrorDetail(Model):
+class ErrorDetail(Reply):
     type: str = Field(description="A stable machine-readable kind, e.g. 'unknown_task'.")
     message: str
     field: str | None = Field(None, description="The request field at fault, dotted, if any.")
 
 
-class ErrorBody(Model):
+class ErrorBody(Reply):
     error: ErrorDetail
 
 
@@ -66,7 +72,7 @@ class EmbedRequest(Model):
         return self
 
 
-class EmbedResponse(Model):
+class EmbedResponse(Reply):
     task: str | None = Field(description="The task asked for ('auto' when routed).")
     prompt_version: str | None = Field(
         description="The prompt version that computed every vector (null for the bare "
@@ -103,7 +109,7 @@ class IndexRequest(Model):
     items: list[IndexItem] = Field(min_length=1)
 
 
-class IndexResponse(Model):
+class IndexResponse(Reply):
     task: str
     prompt_version: str
     ids: list[str]
@@ -140,13 +146,13 @@ class SearchRequest(Model):
     )
 
 
-class SearchHit(Model):
+class SearchHit(Reply):
     id: str
     score: float
     payload: dict[str, Any]
 
 
-class SearchResponse(Model):
+class SearchResponse(Reply):
     task: str
     prompt_version: str = Field(description="The prompt version of the query vector.")
     index_version: str = Field(description="The prompt version of the vectors searched.")
@@ -156,7 +162,7 @@ class SearchResponse(Model):
 # -- tasks --------------------------------------------------------------------------------------
 
 
-class TaskInfo(Model):
+class TaskInfo(Reply):
     task: str
     prompt_version: str = Field(description="The newest loaded version: /embed and /index use it.")
     serving_version: str | None = Field(
@@ -173,7 +179,7 @@ class TaskInfo(Model):
     vectors: int = Field(description="Vectors stored under the serving version.")
 
 
-class TaskList(Model):
+class TaskList(Reply):
     tasks: list[TaskInfo]
 
 
@@ -188,7 +194,7 @@ class LoadTaskRequest(Model):
     )
 
 
-class LoadTaskResponse(Model):
+class LoadTaskResponse(Reply):
     task: TaskInfo
     previous_version: str | None
     changed: bool = Field(description="False when this exact version was already loaded.")
@@ -198,7 +204,7 @@ class PromoteRequest(Model):
     version: str = Field(min_length=1, max_length=64)
 
 
-class UnloadResponse(Model):
+class UnloadResponse(Reply):
     task: str
     unloaded_versions: list[str]
     vectors_deleted: bool
@@ -207,11 +213,11 @@ class UnloadResponse(Model):
 # -- health -------------------------------------------------------------------------------------
 
 
-class Health(Model):
+class Health(Reply):
     status: Literal["ok"] = "ok"
 
 
-class Readiness(Model):
+class Readiness(Reply):
     ready: bool
     backbone: str
     engine: str

@@ -68,19 +68,21 @@ async def _json_body(request: Request, model):
 
 async def _from_form(request: Request) -> tuple[str | None, list[str], list[bytes]]:
     limit = request.app.state.settings.max_items
-    form = await request.form(max_files=limit, max_fields=limit + 1)
-    task = form.get("task")
-    if task is not None and (not isinstance(task, str) or not re.match(schema.TASK_PATTERN, task)):
-        raise ApiError(422, "invalid_request", "task: not a task name", "task")
-    texts, images = [], []
-    for text in form.getlist("texts"):
-        if not isinstance(text, str):
-            raise ApiError(422, "invalid_request", "texts: give texts as plain fields", "texts")
-        texts.append(text)
-    for i, upload in enumerate(form.getlist("images")):
-        if isinstance(upload, str):
-            raise ApiError(422, "invalid_request", f"images[{i}]: send a file", f"images[{i}]")
-        images.append(await upload.read())
+    async with request.form(max_files=limit, max_fields=limit + 1) as form:
+        task = form.get("task")
+        if task is not None and (
+            not isinstance(task, str) or not re.match(schema.TASK_PATTERN, task)
+        ):
+            raise ApiError(422, "invalid_request", "task: not a task name", "task")
+        texts, images = [], []
+        for text in form.getlist("texts"):
+            if not isinstance(text, str):
+                raise ApiError(422, "invalid_request", "texts: give texts as fields", "texts")
+            texts.append(text)
+        for i, upload in enumerate(form.getlist("images")):
+            if isinstance(upload, str):
+                raise ApiError(422, "invalid_request", f"images[{i}]: send a file", f"images[{i}]")
+            images.append(await upload.read())
     if not texts and not images:
         raise ApiError(422, "empty_batch", "nothing to embed: give texts or images", "texts")
     return task or None, texts, images

@@ -22,12 +22,12 @@ async def healthz() -> dict:
 async def readyz(request: Request):
     state = request.app.state
     service = state.service
-    reasons = list(state.restore_failures)
     queued = service.batcher.queued_rows
-    if queued >= service.batcher.max_queue_rows:
-        reasons.append("the queue is full")
+    full = queued >= service.batcher.max_queue_rows
+    # Tasks that failed to come back are reported but do not stop the others from serving.
+    reasons = ["the queue is full"] * full + [f"not restored: {f}" for f in state.restore_failures]
     body = {
-        "ready": not reasons or reasons == list(state.restore_failures),
+        "ready": not full,
         "backbone": service.engine.backbone_id,
         "engine": service.engine.name,
         "tasks": len(service.registry),

@@ -145,14 +145,14 @@ async def _receive_upload(request: Request, folder: Path) -> Path:
     try:
         with os.fdopen(handle, "wb") as out:
             if request.headers.get("content-type", "").startswith("multipart/form-data"):
-                form = await request.form(max_files=1, max_fields=1)
-                upload = form.get("file")
-                if upload is None or isinstance(upload, str):
-                    raise ApiError(422, "invalid_request", "file: send the artifact as a "
-                                   "multipart file named 'file'", "file")  # fmt: skip
-                while chunk := await upload.read(1 << 20):
-                    size += len(chunk)
-                    out.write(chunk)
+                async with request.form(max_files=1, max_fields=1) as form:
+                    upload = form.get("file")
+                    if upload is None or isinstance(upload, str):
+                        raise ApiError(422, "invalid_request", "file: send the artifact as a "
+                                       "multipart file named 'file'", "file")  # fmt: skip
+                    while chunk := await upload.read(1 << 20):
+                        size += len(chunk)
+                        out.write(chunk)
             else:
                 async for chunk in request.stream():
                     size += len(chunk)

@@ -1,0 +1,192 @@
+"""`Client`: the blocking twin. Its methods mirror `AsyncClient`'s one for one; both run the plans
+of clients/base.py, and only `_send`, `_run` and `_sleep` are written here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import httpx
+
+from clients.base import (
+    DEFAULT_CHUNK,
+    DEFAULT_TIMEOUT,
+    DEFAULT_URL,
+    USER_AGENT,
+    BaseClient,
+    Call,
+    ImageInput,
+    ItemInput,
+    Plan,
+    Retry,
+    RetryPolicy,
+    T,
+    mirror_docs,
+)
+from server import schema
+
+
+@mirror_docs
+class Client(BaseClient):
+    """A blocking client of an lpi-serve server.
+
+    `api_key` is sent with queries, `admin_key` with task loads, promotions and unloads (either
+    alone is used for both if the other is not given). `retries` (or a `RetryPolicy`) applies
+    to 503s and to requests that got no answer. `transport` replaces the network, e.g. with
+    `httpx.MockTransport` or a transport over an in-process app.
+    """
+
+    _sleep = staticmethod(time.sleep)
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        api_key: str | None = None,
+        admin_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int | RetryPolicy = 3,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key=api_key, admin_key=admin_key, retries=retries)
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            timeout=timeout,
+            transport=transport,
+            headers={"User-Agent": USER_AGENT},
+        )
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _send(self, call: Call) -> Any:
+        request = self._request(call)
+        for attempt in itertools.count():
+            try:
+                response = self._http.request(**request)
+            except httpx.TransportError as error:
+                outcome = self._failure(call, error, attempt)
+            else:
+                outcome = self._answer(call, response, attempt)
+            if not isinstance(outcome, Retry):
+                return outcome
+            self._sleep(outcome.delay)
+
+    def _run(self, plan: Plan[T]) -> T:
+        try:
+            call = next(plan)
+            while True:
+                call = plan.send(self._send(call))
+        except StopIteration as done:
+            return done.value
+        finally:
+            plan.close()
+
+    # -- the API: each method runs the base's plan of the same name ------------------------------
+
+    def embed(
+        self, texts: Sequence[str] = (), images: Sequence[ImageInput] = (), task: str | None = None
+    ) -> schema.EmbedResponse:
+        return self._run(self._embed(texts, images, task))
+
+    def embed_texts(
+        self,
+        texts: Sequence[str],
+        task: str | None = None,
+        *,
+        chunk_size: int = DEFAULT_CHUNK,
+        progress: bool = False,
+    ) -> schema.EmbedResponse:
+        plan = self._embed_texts(texts, task, chunk_size=chunk_size, progress=progress)
+        return self._run(plan)
+
+    def embed_images(
+        self,
+        images: Sequence[ImageInput],
+        task: str | None = None,
+        *,
+        chunk_size: int = DEFAULT_CHUNK,
+        progress: bool = False,
+    ) -> schema.EmbedResponse:
+        plan = self._embed_images(images, task, chunk_size=chunk_size, progress=progress)
+        return self._run(plan)
+
+    def index(self, task: str, items: Iterable[ItemInput]) -> schema.IndexResponse:
+        return self._run(self._index(task, items))
+
+    def index_many(
+        self,
+        task: str,
+        items: Iterable[ItemInput],
+        *,
+        chunk_size: int = DEFAULT_CHUNK,
+        progress: bool = True,
+    ) -> list[schema.IndexResponse]:
+        plan = self._index_many(task, items, chunk_size=chunk_size, progress=progress)
+        return self._run(plan)
+
+    def search(
+        self,
+        task: str,
+        *,
+        text: str | None = None,
+        image: ImageInput | None = None,
+        vector: Sequence[float] | None = None,
+        top_k: int = 10,
+        filter: Mapping[str, schema.FilterValue] | None = None,
+        accept_mismatch: bool = False,
+    ) -> schema.SearchResponse:
+        return self._run(
+            self._search(
+                task,
+                text=text,
+                image=image,
+                vector=vector,
+                top_k=top_k,
+                filter=filter,
+                accept_mismatch=accept_mismatch,
+            )
+        )
+
+    def list_tasks(self) -> schema.TaskList:
+        return self._run(self._list_tasks())
+
+    def get_task(self, task: str) -> schema.TaskInfo:
+        return self._run(self._get_task(task))
+
+    def load_task(
+        self,
+        task: str,
+        path_or_bytes: str | os.PathLike | bytes | None = None,
+        *,
+        server_path: str | None = None,
+        promote: bool = False,
+    ) -> schema.LoadTaskResponse:
+        plan = self._load_task(task, path_or_bytes, server_path=server_path, promote=promote)
+        return self._run(plan)
+
+    def promote(self, task: str, version: str) -> schema.TaskInfo:
+        return self._run(self._promote(task, version))
+
+    def unload_task(self, task: str, *, delete_vectors: bool = False) -> schema.UnloadResponse:
+        return self._run(self._unload_task(task, delete_vectors=delete_vectors))
+
+    def health(self) -> schema.Health:
+        return self._run(self._health())
+
+    def ready(self) -> schema.Readiness:
+        return self._run(self._ready())
+
+    def metrics(self) -> str:
+        return self._run(self._metrics())

@@ -1,0 +1,25 @@
+"""Stages the SDK's modules from the repository root and packages them: `clients` (without
+the load script, which needs numpy and PIL) and `server/schema.py` under an empty `server`."""
+
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+STAGE = HERE / "staged"
+SDK_FILES = [
+    *(f"clients/{name}.py" for name in ("__init__", "__main__", "aio", "base", "cli", "errors")),
+    "clients/sync.py",
+    "server/schema.py",
+]
+
+if (ROOT / "clients").is_dir():  # building from the repository, not from an sdist
+    shutil.rmtree(STAGE, ignore_errors=True)
+    for name in SDK_FILES:
+        (STAGE / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ROOT / name, STAGE / name)
+    (STAGE / "server" / "__init__.py").write_text('"""The wire schema of lpi-serve."""\n')
+
+setup(packages=["clients", "server"], package_dir={"": "staged"})
