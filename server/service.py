@@ -29,6 +29,8 @@ from server.store import VectorStore
 
 log = logging.getLogger("server.service")
 
+INLINE_TEXT_CHARS = 1024  # texts up to this many characters in all are tokenised on the loop
+
 
 class Service:
     """The operations behind the routes, over one engine, registry, batcher and store."""
@@ -53,7 +55,7 @@ class Service:
 
     async def embed(self, task: str | None, texts: list[str], images: list[bytes]) -> dict:
         check_count(len(texts), len(images), self.limits)
-        text_in, image_in = await run_in_threadpool(self._rows, texts, images)
+        text_in, image_in = await self._rows_off_loop(texts, images)
         if task == schema.AUTO:
             return await self._embed_routed(text_in, image_in)
         with ExitStack() as stack:
@@ -111,8 +113,8 @@ class Service:
             if item.image is not None
         ]
         ids = [item.id or str(uuid.uuid4()) for item in items]
-        text_in, image_in = await run_in_threadpool(
-            self._rows, [t for _, t in texts], [b for _, b in blobs],
+        text_in, image_in = await self._rows_off_loop(
+            [t for _, t in texts], [b for _, b in blobs],
             [f"items[{i}].text" for i, _ in texts], [f"items[{i}].image" for i, _ in blobs],
         )  # fmt: skip
         with self.registry.pin(request.task) as key:
@@ -141,8 +143,8 @@ class Service:
             else:
                 texts = [query.text] if query.text is not None else []
                 blobs = [decode_base64(query.image, "query.image")] if query.image else []
-                text_in, image_in = await run_in_threadpool(
-                    self._rows, texts, blobs, ["query.text"], ["query.image"]
+                text_in, image_in = await self._rows_off_loop(
+                    texts, blobs, ["query.text"], ["query.image"]
                 )
                 modality, rows = ("text", text_in) if texts else ("image", image_in)
                 vector = (await self._encode(modality, rows, [key]))[0].tolist()
@@ -164,6 +166,13 @@ class Service:
         }
 
     # -- helpers --------------------------------------------------------------------------------
+
+    async def _rows_off_loop(self, texts: list[str], images: list[bytes], *fields):
+        """Decode in a worker thread, except a few short texts: tokenising them costs less
+        than the thread hop (the event loop waits well under a millisecond)."""
+        if not images and sum(map(len, texts)) <= INLINE_TEXT_CHARS:
+            return self._rows(texts, images, *fields)
+        return await run_in_threadpool(self._rows, texts, images, *fields)
 
     def _rows(
         self,

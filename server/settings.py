@@ -68,8 +68,10 @@ class Settings(BaseSettings):
     # -- batching and limits --------------------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, le=4096, description="Rows per model batch.")
     max_wait_ms: float = Field(
-        5.0, ge=0, le=1000, description="How long a batch waits to fill after its first row."
-    )
+        2.0, ge=0, le=1000,
+        description="How long a batch waits to fill after its first row (while the model is "
+        "busy, rows queue anyway and the next batch takes them all).",
+    )  # fmt: skip
     max_queue_rows: int = Field(
         2048, ge=1, description="Rows waiting at most; beyond it requests get 503 + Retry-After."
     )

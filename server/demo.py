@@ -1,0 +1,347 @@
+"""The server's embedded default: a tiny CLIP pretrained on synthetic data, with a few tasks.
+
+A server started without a backbone serves this bundle, so `python -m server` works offline on
+a bare machine. The first call builds it from the repo's own pieces (about a minute on two CPU
+cores), later calls reuse it:
+
+    1. `lpi.data.synthetic`: captioned images of drawn shapes, a pretraining split and tasks
+    2. `lpi.pretrain`: the `tiny` preset trained contrastively on the pretraining split
+    3. `lpi.train`: LPI prompts, one task after another, on the frozen backbone
+    4. `export.tasks.export_run`: one checked artifact per task
+
+Layout under `root` (paths in the manifest are relative to it, so the folder can move):
+
+    bundle.json             the manifest; written last and atomically, its presence means done
+    demo-XXXX/              backbone.safetensors, artifacts/ (one file per task, index.json),
+                            images/TASK/ (the tasks' test images: the demo's items)
+    .build-XXXX/            a build in progress; one left by a crash is removed by the next build
+    .lock                   held while building, so two processes never build at once
+
+A build happens in a fresh `.build-XXXX` folder renamed into place only when complete, then
+`bundle.json` is replaced; nothing half-built is ever listed. A manifest whose recipe (task
+count and sizes) differs from the one asked for, or that lists a missing file, is rebuilt.
+
+`progress` shows the data generation bar and logs each stage at INFO (DEBUG when off); the
+per-epoch bars of pretraining and training are lpi's own (TQDM_DISABLE=1 silences them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import logging
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lpi.data.manifest import atomic_write_text
+from lpi.data.synthetic import TASK_NAMES
+
+log = logging.getLogger(__name__)
+
+FORMAT = "lpi-demo-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "bundle.json"
+LOCK = ".lock"
+BUILD_PREFIX = ".build-"
+CONTENT_PREFIX = "demo-"
+PRESET = "tiny"  # 4 layers of width 64 per tower, 32 px images: trains in seconds on a CPU
+PRETRAIN_LR = 2e-3  # lpi.pretrain's default; 5e-3 reached a worse loss in the same steps
+PRETRAIN_WEIGHT_DECAY = 0.1
+PRETRAIN_BATCH = 128  # CLIP's loss wants many negatives per batch
+TASK_LR = 3e-2  # the synthetic benchmark's rate for LPI prompts (README)
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    """How much data and training one build uses; the defaults fit ~90 s on two CPU cores."""
+
+    pretrain_images: int = 3000  # pretraining is most of the time; fewer names shapes worse
+    pretrain_epochs: int = 10
+    train_per_task: int = 300  # a task's prompts are ~1,900 parameters: a few hundred suffice
+    test_per_task: int = 50  # the items a task serves; chance recall@1 is 1 / 50
+    task_epochs: int = 10
+    image_size: int = 32  # the tiny preset's input (16 patches of 8 px): no resize needed
+    layers: int = 4  # J: every layer of the tiny towers
+    tokens: int = 8  # N prompt tokens per modality
+    batch_size: int = 64  # of task training; pretraining uses PRETRAIN_BATCH
+    seed: int = 0
+
+
+DEFAULT_SIZES = DemoSizes()
+
+
+@dataclass(frozen=True)
+class DemoItem:
+    """One test image of a task: what the demo indexes and searches."""
+
+    id: str
+    task: str
+    image: Path
+    caption: str
+    payload: dict
+
+
+@dataclass(frozen=True)
+class DemoBundle:
+    """A built bundle: the backbone file, one artifact per task, each task's test items."""
+
+    root: Path
+    backbone: Path
+    artifacts: dict[str, Path]  # task -> artifact file
+    items: dict[str, list[DemoItem]]  # task -> its test items
+    metrics: dict = dataclasses.field(default_factory=dict)  # recall@1 from lpi.train
+
+
+def ensure_demo_bundle(
+    root: Path, *, tasks: int = 3, progress: bool = True, sizes: DemoSizes = DEFAULT_SIZES
+) -> DemoBundle:
+    """The bundle under `root`, built first if there is no complete one of this recipe.
+
+    `tasks` takes the first of the synthetic tasks (shapes-colours, textures, positions,
+    sizes-backgrounds). Raises ValueError for a task count the synthetic data does not have.
+    """
+    if not 1 <= tasks <= len(TASK_NAMES):
+        raise ValueError(f"tasks: the demo has 1 to {len(TASK_NAMES)} tasks, got {tasks}")
+    root = Path(root).absolute()
+    recipe = _recipe(tasks, sizes)
+    bundle = _load(root, recipe)
+    if bundle is not None:
+        return bundle
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / LOCK):
+        bundle = _load(root, recipe)  # another process may have built it while we waited
+        if bundle is None:
+            bundle = _build(root, tasks, sizes, recipe, progress)
+    return bundle
+
+
+def _recipe(tasks: int, sizes: DemoSizes) -> dict:
+    return {"preset": PRESET, "tasks": tasks, **dataclasses.asdict(sizes)}
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock on `path`, released when the block ends (or the process dies)."""
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --- reading a built bundle --------------------------------------------------------------------
+
+
+def _load(root: Path, recipe: dict) -> DemoBundle | None:
+    """The bundle `bundle.json` describes, or None if absent, of another recipe, or incomplete."""
+    path = root / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        log.warning("%s: unreadable (%s); rebuilding the demo bundle", path, error)
+        return None
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        log.warning("%s: not a version %d demo bundle; rebuilding", path, FORMAT_VERSION)
+        return None
+    if manifest.get("recipe") != recipe:
+        log.info("%s: built with another recipe; rebuilding the demo bundle", path)
+        return None
+    bundle = _from_manifest(root, manifest)
+    missing = [p for p in _files(bundle) if not p.is_file()]
+    if missing:
+        log.warning(
+            "%s: %d listed file(s) missing, e.g. %s; rebuilding", path, len(missing), missing[0]
+        )
+        return None
+    return bundle
+
+
+def _from_manifest(root: Path, manifest: dict) -> DemoBundle:
+    items = {
+        task: [
+            DemoItem(item["id"], task, root / item["image"], item["caption"], item["payload"])
+            for item in entries
+        ]
+        for task, entries in manifest["items"].items()
+    }
+    return DemoBundle(
+        root=root,
+        backbone=root / manifest["backbone"],
+        artifacts={task: root / file for task, file in manifest["artifacts"].items()},
+        items=items,
+        metrics=manifest.get("metrics", {}),
+    )
+
+
+def _files(bundle: DemoBundle) -> list[Path]:
+    images = [item.image for items in bundle.items.values() for item in items]
+    return [bundle.backbone, *bundle.artifacts.values(), *images]
+
+
+# --- building one ------------------------------------------------------------------------------
+
+
+def _build(root: Path, tasks: int, sizes: DemoSizes, recipe: dict, progress: bool) -> DemoBundle:
+    """Build in a fresh .build-XXXX folder, rename it into place, then write bundle.json."""
+    for stale in root.glob(BUILD_PREFIX + "*"):  # left by a build that died; we hold the lock
+        log.info("removing %s, left by an unfinished build", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    level = logging.INFO if progress else logging.DEBUG
+    log.log(level, "building the demo bundle in %s (once; about a minute on 2 CPU cores)", root)
+    start = time.perf_counter()
+    build = Path(tempfile.mkdtemp(dir=root, prefix=BUILD_PREFIX))
+    content = root / (CONTENT_PREFIX + build.name.removeprefix(BUILD_PREFIX))
+    try:
+        manifest = _build_into(build, content.name, tasks, sizes, level, progress)
+        build.rename(content)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    manifest.update(recipe=recipe, seconds=round(time.perf_counter() - start, 1))
+    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    for old in root.glob(CONTENT_PREFIX + "*"):  # earlier builds' content, no longer listed
+        if old != content:
+            shutil.rmtree(old, ignore_errors=True)
+    log.log(
+        level,
+        "demo bundle ready in %.0f s: recall@1 per task %s (chance %.0f)",
+        manifest["seconds"],
+        manifest["metrics"]["r1_oracle"],
+        100 / sizes.test_per_task,
+    )
+    return _from_manifest(root, manifest)
+
+
+def _build_into(
+    build: Path, name: str, tasks: int, sizes: DemoSizes, level: int, progress: bool
+) -> dict:
+    """Every file of a bundle under `build`, to be renamed `name`; returns the manifest."""
+    from lpi.data import synthetic
+
+    def listed(path: Path) -> str:  # the path relative to the root once renamed
+        return f"{name}/{path.relative_to(build).as_posix()}"
+
+    data = build / "data"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    log.log(level, "demo 1/4: drawing synthetic images")
+    synthetic.generate(
+        data,
+        tasks,
+        sizes.train_per_task,
+        sizes.test_per_task,
+        sizes.pretrain_images,
+        sizes.image_size,
+        sizes.seed,
+        progress=progress,
+    )
+    log.log(level, "demo 2/4: pretraining the %s preset on %s", PRESET, device)
+    backbone = _pretrain(data / "pretrain.jsonl", build / "backbone.safetensors", sizes, device)
+    log.log(level, "demo 3/4: training LPI prompts for %d tasks", tasks)
+    state = _train(data / "manifest.jsonl", backbone, build / "run", sizes, device)
+    log.log(level, "demo 4/4: exporting task artifacts")
+    artifacts = _export(build / "run", backbone, build / "artifacts")
+    items = _keep_test_images(data / "manifest.jsonl", build / "images", state.done)
+    shutil.rmtree(data)  # training and pretraining images: only the test items are served
+    shutil.rmtree(build / "run")
+    final = state.results[-1]["r1"]
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "backbone": listed(backbone),
+        "artifacts": {task: listed(path) for task, path in artifacts.items()},
+        "items": {
+            task: [entry | {"image": listed(entry["image"])} for entry in entries]
+            for task, entries in items.items()
+        },
+        "metrics": {  # recall@1 (%), mean of both directions, on each task's test items
+            "r1_oracle": _rounded(final["oracle"]),
+            "r1_routed": _rounded(final["routed"]),
+            "r1_chance": round(100 / sizes.test_per_task, 2),
+        },
+    }
+
+
+def _pretrain(manifest: Path, out: Path, sizes: DemoSizes, device: str) -> Path:
+    """`python -m lpi.pretrain` on the pretraining split, as its main does it."""
+    from lpi.backbone import Backbone
+    from lpi.checkpoint import save_backbone
+    from lpi.config import load_preset
+    from lpi.data.loader import make_loader
+    from lpi.data.manifest import read_manifest, select
+    from lpi.pretrain import pretrain
+
+    records = select(read_manifest(manifest), split="train")
+    torch.manual_seed(sizes.seed)
+    backbone = Backbone(load_preset(PRESET))
+    loader = make_loader(
+        records,
+        backbone.config.vision.image_size,
+        min(PRETRAIN_BATCH, len(records)),  # drop_last: a smaller set still gets one batch
+        shuffle=True,
+        seed=sizes.seed,
+        cache=True,
+        drop_last=True,
+    )
+    history = pretrain(
+        backbone, loader, sizes.pretrain_epochs, PRETRAIN_LR, PRETRAIN_WEIGHT_DECAY, device
+    )
+    log.debug("pretraining loss %.3f -> %.3f", history[0], history[-1])
+    return save_backbone(backbone.cpu(), out)
+
+
+def _train(manifest: Path, backbone: Path, out: Path, sizes: DemoSizes, device: str):
+    """`python -m lpi.train --method lpi` on every task of the manifest; its RunState."""
+    from lpi import train
+
+    args = train.parse_args([
+        "--manifest", str(manifest), "--backbone", str(backbone), "--out", str(out),
+        "--method", "lpi", "--layers", str(sizes.layers), "--tokens", str(sizes.tokens),
+        "--epochs", str(sizes.task_epochs), "--batch-size", str(sizes.batch_size),
+        "--lr", str(TASK_LR), "--seed", str(sizes.seed), "--device", device, "--cache",
+    ])  # fmt: skip
+    return train.run(args)
+
+
+def _export(run: Path, backbone: Path, out: Path) -> dict[str, Path]:
+    """One artifact per task, checked against the backbone file as the server will load it."""
+    from export.tasks import export_run
+    from lpi import load_backbone
+
+    artifacts = export_run(run, load_backbone(backbone), out)
+    return {artifact.name: artifact.path for artifact in artifacts}
+
+
+def _keep_test_images(manifest: Path, images: Path, tasks: list[str]) -> dict[str, list[dict]]:
+    """Move each task's test images to images/TASK/; their entries, ids in manifest order."""
+    from lpi.data.manifest import read_manifest, select
+
+    records = read_manifest(manifest)
+    items = {}
+    for task in tasks:
+        folder = images / task
+        folder.mkdir(parents=True)
+        items[task] = []
+        for index, record in enumerate(select(records, task, "test")):
+            image = record.image.rename(folder / record.image.name)
+            caption = record.captions[0]
+            items[task].append({
+                "id": f"{task}-{index}",
+                "image": image,
+                "caption": caption,
+                "payload": {"caption": caption, "split": "test"},
+            })  # fmt: skip
+    return items
+
+
+def _rounded(values: dict[str, float]) -> dict[str, float]:
+    return {key: round(value, 2) for key, value in values.items()}
