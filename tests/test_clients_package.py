@@ -32,4 +32,5 @@ def test_the_sdk_wheel_holds_the_client_and_the_schema_only(tmp_path):
     assert {"clients/sync.py", "clients/aio.py", "clients/cli.py", "server/schema.py"} <= modules
     assert not any(n.startswith(("lpi/", "kernels/", "export/")) for n in names)
     assert modules & {"server/app.py", "server/engine.py", "clients/load.py"} == set()
-    assert sorted(r.split(":")[1].split(">")[0].strip() for r in requires) == ["httpx", "pydantic", "sniffio"]
+    names = sorted(r.split(":")[1].split(">")[0].strip() for r in requires)
+    assert names == ["httpx", "pydantic", "sniffio"]
