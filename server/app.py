@@ -47,6 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             state.service.batcher.close()
+            state.service.registry.close()
             state.service.store.close()
 
     app = FastAPI(

@@ -18,6 +18,7 @@ after a crash the registry comes back with the last versions that loaded success
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -112,6 +113,8 @@ class TaskRegistry:
         self._keys_cache: TaskKeys | None = None
         self._orphans: dict[Key, LoadedVersion] = {}  # unloaded tasks' versions still pinned
         (self.state_dir / "artifacts").mkdir(parents=True, exist_ok=True)
+        self._lock_file = None
+        self._take_state_dir()
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -296,22 +299,67 @@ class TaskRegistry:
             return versions
 
     def restore(self) -> list[str]:
-        """Reload the tasks of `registry.json`; returns what failed (logged, not fatal)."""
+        """Reload the tasks of `registry.json`; returns what failed (logged, not fatal).
+
+        A load killed between the store's promote and the registry write leaves the store
+        serving a version the registry does not name; its artifact copy was written before
+        the promote, so it is restored too (and validated like any other).
+        """
         failures = []
         for task, entry in self._read_state().items():
             for version in entry["versions"]:
-                try:
-                    self._restore_version(task, version, entry["active"])
-                except (ArtifactError, EngineError, RegistryError, StoreError, OSError) as err:
-                    log.error("task %s version %s not restored: %s", task, version, err)
-                    failures.append(f"{task}@{version}: {err}")
+                failures += self._try_restore(task, version, entry["active"])
+            serving = self._store_serving(task)
+            if serving is not None and serving not in entry["versions"]:
+                failures += self._try_restore(task, serving, entry["active"])
         with self._lock:
             for state in self._tasks.values():
                 self._settle(state)
         self._save_state()
         return failures
 
+    def close(self) -> None:
+        """Release the state directory's lock (the process's exit releases it too)."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
     # -- internals ----------------------------------------------------------------------------
+
+    def _try_restore(self, task: str, version: str, active: str) -> list[str]:
+        try:
+            self._restore_version(task, version, active)
+        except (ArtifactError, EngineError, RegistryError, StoreError, OSError) as err:
+            log.error("task %s version %s not restored: %s", task, version, err)
+            return [f"{task}@{version}: {err}"]
+        return []
+
+    def _store_serving(self, task: str) -> str | None:
+        try:
+            return self.store.serving_version(task)
+        except StoreError:
+            return None
+
+    def _take_state_dir(self) -> None:
+        """Lock the state directory (one server per directory), then sweep what a killed
+        process left: partial uploads and temp files of atomic writes."""
+        self._lock_file = open(self.state_dir / ".lock", "a+")  # noqa: SIM115 - held for life
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            raise RegistryError(
+                f"{self.state_dir} is in use by another server process; give each its own data_dir"
+            ) from None
+        leftovers = [
+            *(self.state_dir / "uploads").glob("upload-*"),
+            *self.state_dir.glob(".tmp-*"),
+            *(self.state_dir / "artifacts").glob("*/.tmp-*"),
+        ]
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        if leftovers:
+            log.info("removed %d files left by an interrupted write", len(leftovers))
 
     def _require(self, task: str) -> TaskState:
         state = self._tasks.get(task)
