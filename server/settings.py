@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = Field(
         None, description="If set, loading, promoting and unloading tasks need it (Bearer)."
     )
-    demo_tasks: int = Field(3, ge=1, le=8, description="Tasks in the demo bundle.")
+    demo_tasks: int = Field(3, ge=1, le=4, description="Tasks in the demo bundle (1-4).")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("store")

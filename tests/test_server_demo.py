@@ -1,0 +1,148 @@
+"""The embedded demo bundle: built once from the repo's own pieces, reused, never half-used."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+import export
+import lpi
+from server.demo import MANIFEST, DemoSizes, ensure_demo_bundle
+
+# A few seconds per build: the recipe of the default bundle at a fraction of its sizes.
+SIZES = DemoSizes(
+    pretrain_images=64,
+    pretrain_epochs=1,
+    train_per_task=24,
+    test_per_task=6,
+    task_epochs=1,
+    layers=2,
+    tokens=4,
+    batch_size=8,
+)
+TASKS = 2
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "bundle"
+    start = time.perf_counter()
+    bundle = ensure_demo_bundle(root, tasks=TASKS, progress=False, sizes=SIZES)
+    return bundle, time.perf_counter() - start
+
+
+def _copy(bundle, tmp_path):
+    """A private copy of the built root, for tests that damage it."""
+    root = tmp_path / "copy"
+    shutil.copytree(bundle.root, root)
+    return root
+
+
+def _captions(bundle) -> dict[str, list[tuple[str, str]]]:
+    return {task: [(i.id, i.caption) for i in items] for task, items in bundle.items.items()}
+
+
+def test_artifacts_read_back_against_the_backbone(built):
+    bundle, _ = built
+    backbone = lpi.load_backbone(bundle.backbone)
+    assert list(bundle.artifacts) == ["shapes-colours", "textures"]
+    for task, path in bundle.artifacts.items():
+        artifact = export.read_artifact(path, backbone)  # checksum, shapes, backbone fingerprint
+        assert artifact.name == task
+        assert set(artifact.keys) == {"image", "text"}  # task keys for routing
+
+
+def test_items_are_each_tasks_test_images_with_stable_ids(built):
+    bundle, _ = built
+    assert list(bundle.items) == list(bundle.artifacts)
+    ids = [item.id for items in bundle.items.values() for item in items]
+    assert len(ids) == len(set(ids)) == TASKS * SIZES.test_per_task
+    for task, items in bundle.items.items():
+        assert [item.id for item in items] == [f"{task}-{n}" for n in range(len(items))]
+        for item in items:
+            assert item.task == task and item.image.is_file()
+            assert item.image.is_relative_to(bundle.root)
+            assert item.caption.strip() and item.payload == {
+                "caption": item.caption,
+                "split": "test",
+            }
+    assert set(bundle.metrics["r1_oracle"]) == set(bundle.artifacts)
+
+
+def test_only_the_bundle_is_left_under_root(built):
+    bundle, _ = built
+    names = {path.name for path in bundle.root.iterdir()}
+    content = [name for name in names if name.startswith("demo-")]
+    assert len(content) == 1 and names == {MANIFEST, ".lock", *content}
+    assert not (bundle.root / content[0] / "data").exists(), "training images are dropped"
+
+
+def test_second_call_reuses_the_bundle(built):
+    bundle, seconds = built
+    stamp = (bundle.root / MANIFEST).stat().st_mtime_ns
+    start = time.perf_counter()
+    again = ensure_demo_bundle(bundle.root, tasks=TASKS, progress=False, sizes=SIZES)
+    elapsed = time.perf_counter() - start
+    assert again == bundle
+    assert (bundle.root / MANIFEST).stat().st_mtime_ns == stamp
+    assert elapsed < min(0.5, seconds / 4), f"reuse took {elapsed:.2f} s, the build {seconds:.1f} s"
+
+
+def test_moved_root_is_reused(built, tmp_path):
+    """The manifest's paths are relative to the root: a copied or remounted folder still serves."""
+    bundle, _ = built
+    root = _copy(bundle, tmp_path)
+    moved = ensure_demo_bundle(root, tasks=TASKS, progress=False, sizes=SIZES)
+    assert moved.backbone == root / bundle.backbone.relative_to(bundle.root)
+    assert (root / MANIFEST).read_bytes() == (bundle.root / MANIFEST).read_bytes(), "not rebuilt"
+    for task, items in bundle.items.items():
+        assert [item.image.relative_to(root) for item in moved.items[task]] == [
+            item.image.relative_to(bundle.root) for item in items
+        ]
+
+
+def test_leftover_build_folder_without_manifest_is_rebuilt(built, tmp_path):
+    """A build killed halfway leaves .build-* and no bundle.json: the next call starts afresh."""
+    bundle, _ = built
+    root = _copy(bundle, tmp_path)
+    (root / MANIFEST).unlink()
+    junk = root / ".build-junk"
+    (junk / "data").mkdir(parents=True)
+    (junk / "backbone.safetensors").write_bytes(b"half a file")
+    old = [path for path in root.iterdir() if path.name.startswith("demo-")]
+    rebuilt = ensure_demo_bundle(root, tasks=TASKS, progress=False, sizes=SIZES)
+    assert not junk.exists() and not any(path.exists() for path in old)
+    backbone = lpi.load_backbone(rebuilt.backbone)
+    for path in rebuilt.artifacts.values():
+        export.read_artifact(path, backbone)
+    assert all(item.image.is_file() for items in rebuilt.items.values() for item in items)
+    assert _captions(rebuilt) == _captions(bundle), "a rebuild gives the same items, same ids"
+    assert json.loads((root / MANIFEST).read_text())["recipe"]["tasks"] == TASKS
+
+
+def test_missing_file_or_other_recipe_is_rebuilt(built, tmp_path):
+    bundle, _ = built
+    root = _copy(bundle, tmp_path)
+    first = ensure_demo_bundle(root, tasks=TASKS, progress=False, sizes=SIZES)
+    next(iter(first.artifacts.values())).unlink()
+    second = ensure_demo_bundle(root, tasks=TASKS, progress=False, sizes=SIZES)
+    assert second.backbone != first.backbone and all(p.is_file() for p in second.artifacts.values())
+    third = ensure_demo_bundle(root, tasks=1, progress=False, sizes=SIZES)
+    assert list(third.artifacts) == ["shapes-colours"] and not second.backbone.exists()
+
+
+def test_importing_the_demo_loads_no_web_framework():
+    """The app calls it at startup; it must not pull fastapi in (or need it installed)."""
+    code = "import sys, server.demo; sys.exit('fastapi' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_task_count_beyond_the_synthetic_tasks_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="tasks: the demo has 1 to 4 tasks, got 5"):
+        ensure_demo_bundle(tmp_path / "demo", tasks=5, progress=False, sizes=SIZES)
+    assert not (tmp_path / "demo").exists()
