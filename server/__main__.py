@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
+        # Longer than clients' and load balancers' idle timeouts (httpx: 5 s, ALB: 60 s): else
+        # the server may close a kept-alive connection just as a client reuses it (ReadError).
+        timeout_keep_alive=65,
         timeout_graceful_shutdown=10,
     )
     return 0
