@@ -55,6 +55,7 @@ class _Work:
     keys: list[Hashable | None]
     future: Future = field(default_factory=Future)
     queued_at: float = field(default_factory=time.monotonic)
+    queued: bool = True  # still in its queue (guarded by the batcher's condition)
 
 
 class Batcher:
@@ -126,7 +127,19 @@ class Batcher:
             self._queued[modality] += len(rows)
             self._set_gauge()
             self._cond.notify_all()
+        work.future.add_done_callback(lambda _: self._withdraw(work))
         return work.future
+
+    def _withdraw(self, work: _Work) -> None:
+        """A cancelled request's rows leave the queue at once and free their room."""
+        if not work.future.cancelled():
+            return
+        with self._cond:
+            if work.queued:
+                work.queued = False
+                self._queues[work.modality].remove(work)
+                self._queued[work.modality] -= len(work.rows)
+                self._set_gauge()
 
     async def encode(
         self, modality: str, rows: Sequence[Tensor], keys: Sequence[Hashable | None]
@@ -166,6 +179,7 @@ class Batcher:
         queue, taken, rows = self._queues[modality], [], 0
         while queue and (not taken or rows + len(queue[0].rows) <= self.max_batch):
             work = queue.popleft()
+            work.queued = False
             rows += len(work.rows)
             self._queued[modality] -= len(work.rows)
             if work.future.set_running_or_notify_cancel():  # False: abandoned by its caller
@@ -182,10 +196,15 @@ class Batcher:
         try:
             inputs = _stack(modality, [row for work in batch for row in work.rows])
             features = self._encode(modality, inputs, keys)  # [B, E]
-        except Exception as err:  # every waiting request gets the error, the worker lives on
-            log.exception("batch of %d %s rows failed", len(keys), modality)
-            for work in batch:
-                work.future.set_exception(err)
+        except Exception as err:  # the worker lives on; only the work at fault fails
+            if len(batch) > 1:
+                log.warning("a batch of %d requests failed (%s); running them one by one",
+                            len(batch), err)  # fmt: skip
+                for work in batch:
+                    self._execute([work])
+                return
+            log.exception("a request of %d %s rows failed", len(keys), modality)
+            batch[0].future.set_exception(err)
             return
         elapsed = time.perf_counter() - started
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed

@@ -45,6 +45,13 @@ def field_of(location: tuple | list) -> str | None:
     return text or None
 
 
+_HTTP_KINDS = {
+    400: ("invalid_request", "body"),
+    404: ("not_found", None),
+    405: ("method_not_allowed", None),
+    413: ("body_too_large", "body"),
+}
+
 _STORE_STATUS = (
     (InvalidInputError, 422, "invalid_input"),
     (UnknownTaskError, 404, "unknown_task"),
@@ -90,8 +97,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException):
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
-        return error_response(err.status_code, kind, str(err.detail), None, err.headers)
+        kind, field = _HTTP_KINDS.get(err.status_code, ("http_error", None))
+        return error_response(err.status_code, kind, str(err.detail), field, err.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception):

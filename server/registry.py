@@ -112,6 +112,9 @@ class TaskRegistry:
         self._admin = threading.Lock()  # one load/promote/unload at a time
         self._keys_cache: TaskKeys | None = None
         self._orphans: dict[Key, LoadedVersion] = {}  # unloaded tasks' versions still pinned
+        # registry.json entries that failed to come back: kept until an admin loads or unloads
+        # the task, so one transient failure at start does not forget the task for good.
+        self._unrestored: dict[str, dict] = {}
         (self.state_dir / "artifacts").mkdir(parents=True, exist_ok=True)
         self._lock_file = None
         self._take_state_dir()
@@ -208,40 +211,140 @@ class TaskRegistry:
     ) -> tuple[dict, str | None, bool]:
         """Load (or replace) `task` from an artifact file; returns (info, previous, changed).
 
-        Any failure leaves the registry, the engine and the store as they were.
+        Any failure leaves the registry, the engine and the store as they were. The version is
+        held (pinned) from the moment it is found or added until the switch, so no request
+        ending meanwhile can drop it; store calls run outside the lock requests take.
         """
         with self._admin:
             started = time.perf_counter()
             artifact = self._read(source)
-            version = artifact.prompt_version
+            version, key = artifact.prompt_version, (task, artifact.prompt_version)
             with self._lock:
-                previous = self._tasks[task].active if task in self._tasks else None
-                already = task in self._tasks and version in self._tasks[task].versions
-            if already:
-                if previous == version and not promote:
-                    return self.info(task), previous, False
-                return self._activate_loaded(task, version, promote, started)
-            self._check_engine(artifact)
-            file = self._keep_copy(task, artifact, source)
-            key = (task, version)
-            self.engine.add(key, artifact)
+                held = self._hold(task, version)
+                unchanged = held is not None and self._active(task) == version and not promote
+            fresh = held is None
             try:
-                serving = self._ensure_stored(task, version, promote)
-            except Exception:
-                self.engine.remove(key)
-                raise
-            loaded = LoadedVersion(version, artifact, file, time.time())
-            with self._lock:
-                state = self._tasks.get(task)
-                if state is None:
-                    state = self._tasks[task] = TaskState(task, version, serving)
-                state.versions[version] = loaded
-                state.active, state.serving = version, serving
-                self._settle(state)
+                if unchanged:
+                    return self.info(task), version, False
+                if fresh:
+                    held = self._add_to_engine(task, artifact, source)
+                try:
+                    serving = self._ensure_stored(task, version, promote)
+                except Exception:
+                    if fresh:
+                        self.engine.remove(key)
+                    raise
+                with self._lock:
+                    previous = self._switch(task, held, serving)
+            finally:
+                with self._lock:
+                    self._unpin(task, version)
+            self._unrestored.pop(task, None)
             self._save_state()
             self._observe_swap(started, previous != version)
-            log.info("task %s: version %s loaded (was %s)", task, version, previous)
-            return self.info(task), previous, True
+            log.info("task %s: version %s serves new requests (was %s)", task, version, previous)
+            return self.info(task), previous, previous != version
+
+    def promote(self, task: str, version: str) -> dict:
+        """Make a loaded version the one /search uses (the store's serving version)."""
+        with self._admin:
+            with self._lock:
+                self._require(task)
+                if self._hold(task, version) is None:
+                    raise VersionNotLoadedError(
+                        f"task {task!r} has no loaded prompt version {version!r} "
+                        f"(loaded: {sorted(self._tasks[task].versions)})",
+                        field="version",
+                    )
+            try:
+                self.store.promote(task, version)
+                with self._lock:
+                    if task in self._tasks:
+                        self._tasks[task].serving = version
+            finally:
+                with self._lock:
+                    self._unpin(task, version)
+        self._save_state()
+        return self.info(task)
+
+    def unload(self, task: str, *, delete_vectors: bool = False) -> list[str]:
+        """Stop serving `task`; stored vectors are kept unless `delete_vectors`.
+
+        Versions still pinned by requests in flight stay in the engine until those finish.
+        """
+        with self._admin:
+            with self._lock:
+                state = self._tasks.pop(self._require(task).name)
+                versions = sorted(state.versions)
+                self._keys_cache = None
+                for version, loaded in state.versions.items():
+                    if loaded.pins == 0:
+                        self.engine.remove((task, version))
+                    else:
+                        self._orphans[(task, version)] = loaded
+                self._set_gauges()
+            self._unrestored.pop(task, None)
+            self._save_state()
+            if delete_vectors:
+                with contextlib.suppress(UnknownTaskError):  # never indexed
+                    self.store.delete_task(task)
+            log.info("task %s unloaded (versions %s)", task, versions)
+            return versions
+
+    def restore(self) -> list[str]:
+        """Reload the tasks of `registry.json`; returns what failed (logged, not fatal).
+
+        A load killed between the store's promote and the registry write leaves the store
+        serving a version the registry does not name; its artifact copy was written before
+        the promote, so it is restored too (and validated like any other).
+        """
+        failures = []
+        for task, entry in self._read_state().items():
+            failed = []
+            for version in entry["versions"]:
+                failed += self._try_restore(task, version, entry["active"])
+            serving = self._store_serving(task)
+            if serving is not None and serving not in entry["versions"]:
+                failed += self._try_restore(task, serving, entry["active"])
+            if failed and task not in self._tasks:
+                self._unrestored[task] = entry
+            failures += failed
+        with self._lock:
+            for state in self._tasks.values():
+                self._settle(state)
+        self._save_state()
+        return failures
+
+    def close(self) -> None:
+        """Release the state directory's lock (the process's exit releases it too)."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _active(self, task: str) -> str | None:
+        state = self._tasks.get(task)
+        return state.active if state else None
+
+    def _hold(self, task: str, version: str) -> LoadedVersion | None:
+        """Pin a loaded version (also one an unload left to in-flight requests); under _lock."""
+        state = self._tasks.get(task)
+        held = state.versions.get(version) if state else None
+        held = held or self._orphans.get((task, version))
+        if held is not None:
+            held.pins += 1
+        return held
+
+    def _add_to_engine(self, task: str, artifact: TaskArtifact, source: Path) -> LoadedVersion:
+        """Check, keep a copy of, and add a new version; it comes back pinned once."""
+        self._check_engine(artifact)
+        file = self._keep_copy(task, artifact, source)
+        try:
+            self.engine.add((task, artifact.prompt_version), artifact)
+        except EngineError as err:
+            raise RegistryError(str(err), field=err.field) from err
+        return LoadedVersion(artifact.prompt_version, artifact, file, time.time(), pins=1)
 
     def _ensure_stored(self, task: str, version: str, promote: bool) -> str:
         """Room for the version's vectors; returns the serving version afterwards.
@@ -262,69 +365,17 @@ class TaskRegistry:
             serving = version
         return serving
 
-    def promote(self, task: str, version: str) -> dict:
-        """Make a loaded version the one /search uses (the store's serving version)."""
-        with self._admin, self._lock:
-            state = self._require(task)
-            if version not in state.versions:
-                raise VersionNotLoadedError(
-                    f"task {task!r} has no loaded prompt version {version!r} "
-                    f"(loaded: {sorted(state.versions)})",
-                    field="version",
-                )
-            self.store.promote(task, version)
-            state.serving = version
-            self._settle(state)
-        self._save_state()
-        return self.info(task)
-
-    def unload(self, task: str, *, delete_vectors: bool = False) -> list[str]:
-        """Stop serving `task`; stored vectors are kept unless `delete_vectors`."""
-        with self._admin:
-            with self._lock:
-                state = self._tasks.pop(self._require(task).name)
-                versions = sorted(state.versions)
-                self._keys_cache = None
-                for version in versions:
-                    if state.versions[version].pins == 0:
-                        self.engine.remove((task, version))
-                    else:
-                        self._orphans[(task, version)] = state.versions[version]
-                self._set_gauges()
-            self._save_state()
-            if delete_vectors:
-                with contextlib.suppress(UnknownTaskError):  # never indexed
-                    self.store.delete_task(task)
-            log.info("task %s unloaded (versions %s)", task, versions)
-            return versions
-
-    def restore(self) -> list[str]:
-        """Reload the tasks of `registry.json`; returns what failed (logged, not fatal).
-
-        A load killed between the store's promote and the registry write leaves the store
-        serving a version the registry does not name; its artifact copy was written before
-        the promote, so it is restored too (and validated like any other).
-        """
-        failures = []
-        for task, entry in self._read_state().items():
-            for version in entry["versions"]:
-                failures += self._try_restore(task, version, entry["active"])
-            serving = self._store_serving(task)
-            if serving is not None and serving not in entry["versions"]:
-                failures += self._try_restore(task, serving, entry["active"])
-        with self._lock:
-            for state in self._tasks.values():
-                self._settle(state)
-        self._save_state()
-        return failures
-
-    def close(self) -> None:
-        """Release the state directory's lock (the process's exit releases it too)."""
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
-
-    # -- internals ----------------------------------------------------------------------------
+    def _switch(self, task: str, held: LoadedVersion, serving: str) -> str | None:
+        """Make `held` the task's active version (under _lock); returns the previous one."""
+        self._orphans.pop((task, held.version), None)  # taken back from an unload
+        state = self._tasks.get(task)
+        previous = state.active if state else None
+        if state is None:
+            state = self._tasks[task] = TaskState(task, held.version, serving)
+        state.versions[held.version] = held
+        state.active, state.serving = held.version, serving
+        self._keys_cache = None
+        return previous
 
     def _try_restore(self, task: str, version: str, active: str) -> list[str]:
         try:
@@ -371,18 +422,20 @@ class TaskRegistry:
         return state
 
     def _unpin(self, task: str, version: str) -> None:
+        """Release one pin (under _lock); a version nothing needs any more leaves the engine."""
+        orphan = self._orphans.get((task, version))
+        if orphan is not None:
+            orphan.pins -= 1
+            if orphan.pins == 0:
+                del self._orphans[(task, version)]
+                self.engine.remove((task, version))
+                self._set_gauges()
+            return
         state = self._tasks.get(task)
         loaded = state.versions.get(version) if state else None
-        if loaded is None:  # unloaded meanwhile
-            loaded = self._orphans.get((task, version))
-            if loaded is None:
-                return
-        loaded.pins -= 1
-        if state is not None:
+        if loaded is not None:
+            loaded.pins -= 1
             self._settle(state)
-        elif loaded.pins == 0:
-            self._orphans.pop((task, version), None)
-            self.engine.remove((task, version))
 
     def _settle(self, state: TaskState) -> None:
         """Drop versions that are neither active nor serving and hold no pin."""
@@ -392,19 +445,6 @@ class TaskRegistry:
                 self.engine.remove((state.name, version))
         self._keys_cache = None
         self._set_gauges()
-
-    def _activate_loaded(self, task: str, version: str, promote: bool, started: float):
-        with self._lock:
-            state = self._tasks[task]
-            previous = state.active
-            state.active = version
-            if promote:
-                self.store.promote(task, version)
-                state.serving = version
-            self._settle(state)
-        self._save_state()
-        self._observe_swap(started, previous != version)
-        return self.info(task), previous, previous != version
 
     def _read(self, source: Path) -> TaskArtifact:
         try:
@@ -416,7 +456,9 @@ class TaskRegistry:
         try:
             self.engine.check(artifact)
         except EngineError as err:
-            raise InvalidArtifactError(str(err), field=getattr(err, "field", "artifact")) from err
+            if err.field == "task":  # a full pool or a key taken: capacity, not the artifact
+                raise RegistryError(str(err), field="task") from err
+            raise InvalidArtifactError(str(err), field=err.field) from err
 
     def _keep_copy(self, task: str, artifact: TaskArtifact, source: Path) -> Path:
         """Copy the artifact under the state directory (atomically), where restarts find it."""
@@ -471,6 +513,7 @@ class TaskRegistry:
                 }
                 for name, state in sorted(self._tasks.items())
             }
+            tasks = self._unrestored | tasks
         _write_json_atomic(self._state_path(), {"format": STATE_FORMAT, "tasks": tasks})
 
     def _read_state(self) -> dict:
@@ -489,8 +532,12 @@ class TaskRegistry:
             raise InvalidArtifactError(f"{file}: holds version {artifact.prompt_version}")
         self._check_engine(artifact)
         self.engine.add((task, version), artifact)
-        self.store.ensure_task(task, self.engine.embed_dim, version)
-        serving = self.store.serving_version(task)
+        try:
+            self.store.ensure_task(task, self.engine.embed_dim, version)
+            serving = self.store.serving_version(task)
+        except BaseException:
+            self.engine.remove((task, version))
+            raise
         with self._lock:
             state = self._tasks.get(task)
             if state is None:

@@ -11,6 +11,7 @@ Dimensions: n rows of a request, E the embedding width.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Sequence
@@ -60,9 +61,8 @@ class Service:
             return await self._embed_routed(text_in, image_in)
         with ExitStack() as stack:
             key = stack.enter_context(self.registry.pin(task)) if task is not None else None
-            text_out, image_out = await asyncio.gather(
-                self._encode("text", text_in, [key] * len(text_in)),
-                self._encode("image", image_in, [key] * len(image_in)),
+            text_out, image_out = await self._encode_both(
+                text_in, [key] * len(text_in), image_in, [key] * len(image_in)
             )
         return {
             "task": task,
@@ -78,16 +78,14 @@ class Service:
         keys = self.registry.task_keys()
         if len(keys) == 0:
             raise ApiError(409, "no_task_keys", "task 'auto': no loaded task has task keys", "task")
-        bare_text, bare_image = await asyncio.gather(
-            self._encode("text", text_in, [None] * len(text_in)),
-            self._encode("image", image_in, [None] * len(image_in)),
+        bare_text, bare_image = await self._encode_both(
+            text_in, [None] * len(text_in), image_in, [None] * len(image_in)
         )
         text_tasks = keys.route_names(bare_text, "text") if text_in else []
         image_tasks = keys.route_names(bare_image, "image") if image_in else []
         with self.registry.pin_many([*text_tasks, *image_tasks]) as pinned:
-            text_out, image_out = await asyncio.gather(
-                self._encode("text", text_in, [pinned[t] for t in text_tasks]),
-                self._encode("image", image_in, [pinned[t] for t in image_tasks]),
+            text_out, image_out = await self._encode_both(
+                text_in, [pinned[t] for t in text_tasks], image_in, [pinned[t] for t in image_tasks]
             )
         return {
             "task": schema.AUTO,
@@ -118,9 +116,8 @@ class Service:
             [f"items[{i}].text" for i, _ in texts], [f"items[{i}].image" for i, _ in blobs],
         )  # fmt: skip
         with self.registry.pin(request.task) as key:
-            text_out, image_out = await asyncio.gather(
-                self._encode("text", text_in, [key] * len(text_in)),
-                self._encode("image", image_in, [key] * len(image_in)),
+            text_out, image_out = await self._encode_both(
+                text_in, [key] * len(text_in), image_in, [key] * len(image_in)
             )
             vectors = _scatter(len(items), [i for i, _ in texts], text_out, [i for i, _ in blobs],
                                image_out)  # fmt: skip
@@ -129,7 +126,7 @@ class Service:
             stored = await run_in_threadpool(
                 self.store.upsert, task, version, ids, vectors, payloads
             )
-            serving = self.store.serving_version(task) == version
+            serving = self.registry.serving_version(task) == version
         return {"task": task, "prompt_version": version, "ids": stored, "serving": serving}
 
     # -- search ---------------------------------------------------------------------------------
@@ -149,8 +146,11 @@ class Service:
                 modality, rows = ("text", text_in) if texts else ("image", image_in)
                 vector = (await self._encode(modality, rows, [key]))[0].tolist()
             task, version = key
-            # With accept_mismatch the query has the newest version; the vectors the serving one.
-            index_version = self.registry.serving_version(task) or version
+            # Without accept_mismatch the query's version is the vectors' version, even if a
+            # promote lands meanwhile; with it, the newest query meets the serving vectors.
+            index_version = version
+            if request.accept_mismatch:
+                index_version = self.registry.serving_version(task) or version
             hits = await run_in_threadpool(
                 lambda: self.store.search(
                     task, index_version, vector, request.top_k, request.filter,
@@ -187,17 +187,36 @@ class Service:
         image_in = image_rows(blobs, self.limits, image_fields) if blobs else []
         return text_in, image_in
 
+    async def _encode_both(self, text_in, text_keys, image_in, image_keys):
+        """Both modalities at once; if one fails, the other is withdrawn (or waited for)."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                text = group.create_task(self._encode("text", text_in, text_keys))
+                image = group.create_task(self._encode("image", image_in, image_keys))
+        except BaseExceptionGroup as errors:
+            raise errors.exceptions[0] from None
+        return text.result(), image.result()
+
     async def _encode(self, modality: str, rows: list[Tensor], keys: Sequence[Key | None]):
+        """Rows through the batcher. A caller that gives up (timeout, cancellation) withdraws
+        its rows; if their batch is already running, it waits for it, so the prompt versions
+        it pinned stay loaded until no batch names them."""
         if not rows:
             return None
+        future = self.batcher.submit(modality, rows, keys)
         try:
             return await asyncio.wait_for(
-                self.batcher.encode(modality, rows, keys), timeout=self.timeout_s
+                asyncio.shield(asyncio.wrap_future(future)), timeout=self.timeout_s
             )
-        except TimeoutError:
-            raise ApiError(
-                503, "timeout", f"the model did not answer within {self.timeout_s} s"
-            ) from None
+        except (TimeoutError, asyncio.CancelledError) as err:
+            if not future.cancel():  # running or done: let the batch finish under our pins
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(asyncio.wrap_future(future))
+            if isinstance(err, TimeoutError):
+                raise ApiError(
+                    503, "timeout", f"the model did not answer within {self.timeout_s} s"
+                ) from None
+            raise
 
     def _checked_vector(self, vector: list[float]) -> list[float]:
         if len(vector) != self.engine.embed_dim:

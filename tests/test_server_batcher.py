@@ -163,3 +163,39 @@ def test_close_fails_waiting_work_and_refuses_new():
         waiting.result(1)
     with pytest.raises(BatcherClosedError):
         batcher.submit("text", [text_row(1, 2)], [None])
+
+
+def test_cancelled_rows_free_their_room_at_once():
+    gate = threading.Event()
+    batcher = Batcher(Recorder(gate=gate), max_batch=1, max_wait_s=0.0, max_queue_rows=2)
+    batcher.start()
+    try:
+        batcher.submit("text", [text_row(1, 2)], [None])  # taken by the worker, held
+        time.sleep(0.1)
+        waiting = batcher.submit("text", [text_row(2, 2)] * 2, [None] * 2)
+        assert batcher.queued_rows == 2
+        assert waiting.cancel()
+        assert batcher.queued_rows == 0
+        batcher.submit("text", [text_row(3, 2)] * 2, [None] * 2)  # the room is free again
+    finally:
+        gate.set()
+        batcher.close()
+
+
+def test_a_failing_request_does_not_fail_the_others_in_its_batch():
+    def picky(modality, inputs, keys):
+        if "bad" in keys:
+            raise KeyError("bad is not loaded")
+        return torch.zeros(inputs.shape[0], 4)
+
+    batcher = Batcher(picky, max_batch=8, max_wait_s=0.05)
+    batcher.start()
+    try:
+        good = batcher.submit("text", [text_row(1, 2)], ["good"])
+        bad = batcher.submit("text", [text_row(1, 2)], ["bad"])
+        other = batcher.submit("text", [text_row(1, 2)] * 2, [None, "good"])
+        assert good.result(10).shape == (1, 4) and other.result(10).shape == (2, 4)
+        with pytest.raises(KeyError):
+            bad.result(10)
+    finally:
+        batcher.close()

@@ -52,5 +52,10 @@ def require_api_key(request: Request) -> None:
 
 
 def require_admin_key(request: Request) -> None:
-    """Task load, promote and unload: the admin key if one is set."""
-    _check(request, request.app.state.settings.admin_key, "admin")
+    """Task load, promote and unload: the admin key if one is set, else the API key if that
+    is set (an API key never leaves the admin routes open)."""
+    settings = request.app.state.settings
+    if settings.admin_key is not None:
+        _check(request, settings.admin_key, "admin")
+    else:
+        _check(request, settings.api_key, "API")

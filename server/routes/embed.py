@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import schema
 from server.errors import ApiError
@@ -66,9 +68,25 @@ async def _json_body(request: Request, model):
         raise RequestValidationError(err.errors()) from None
 
 
+@asynccontextmanager
+async def _form(request: Request, limit: int):
+    """The multipart form; more parts than `limit` is 413 like any batch over the limit."""
+    try:
+        form = await request.form(max_files=limit, max_fields=limit + 1)
+    except StarletteHTTPException as err:
+        if "Too many" in str(err.detail):
+            raise ApiError(413, "too_many_items", f"more than {limit} items; this server "
+                           f"takes at most {limit} per request", "images") from None  # fmt: skip
+        raise ApiError(422, "invalid_request", f"body: {err.detail}", "body") from None
+    try:
+        yield form
+    finally:
+        await form.close()
+
+
 async def _from_form(request: Request) -> tuple[str | None, list[str], list[bytes]]:
     limit = request.app.state.settings.max_items
-    async with request.form(max_files=limit, max_fields=limit + 1) as form:
+    async with _form(request, limit) as form:
         task = form.get("task")
         if task is not None and (
             not isinstance(task, str) or not re.match(schema.TASK_PATTERN, task)

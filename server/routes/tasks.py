@@ -66,6 +66,9 @@ async def load_task(
 ) -> dict:
     """Load or replace a task from an artifact (a path in the artifact directory, or bytes)."""
     request.state.task = task
+    if task == schema.AUTO:
+        raise ApiError(422, "reserved_name", "task: 'auto' routes by task keys; pick another "
+                       "name", "task")  # fmt: skip
     content_type = request.headers.get("content-type", "")
     registry = _registry(request)
     if content_type.startswith("application/json"):
