@@ -123,12 +123,17 @@ def build_service(settings: Settings, metrics: Metrics) -> tuple[Service, list[s
 
 
 def open_store(settings: Settings):
-    """The configured store: local mode or edge in data_dir, memory, or a server by URL."""
-    from server.store import EdgeStore, QdrantStore
+    """The configured store: local mode or edge in data_dir, memory, or a server by URL.
 
+    Each store's client is imported only when chosen: qdrant-edge-py is an optional extra.
+    """
     layout = settings.layout
     if settings.store == "edge":
+        from server.store.edge import EdgeStore
+
         return EdgeStore(settings.data_dir / "edge", layout=layout)
+    from server.store.qdrant import QdrantStore
+
     if settings.store == "memory":
         return QdrantStore(location=":memory:", layout=layout)
     if settings.store == "local":

@@ -52,3 +52,17 @@ def test_server_help_lists_every_setting():
     assert out.returncode == 0, out.stderr
     for flag in ("--backbone", "--store", "--max-batch-size", "--admin-key", "--host"):
         assert flag in out.stdout
+
+
+def test_the_default_store_needs_no_optional_extra(tmp_path):
+    """`pip install '.[server]'` has no qdrant-edge-py: opening the local store never imports it."""
+    code = (
+        "import sys\n"
+        "from server.app import open_store\n"
+        "from server.settings import Settings\n"
+        f"open_store(Settings(data_dir={str(tmp_path)!r})).close()\n"
+        "print('qdrant_edge' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
