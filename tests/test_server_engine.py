@@ -336,3 +336,40 @@ def test_onnx_engine_remove_then_add_again(onnx_engine, backbone, artifacts):
         onnx_engine.add(key(artifacts["a"]), artifacts["a"])
     onnx_engine.add(b, artifacts["b"])
     assert sorted(onnx_engine.loaded()) == sorted(key(artifacts[name]) for name in "abc")
+
+
+def test_the_server_on_the_onnx_engine_equals_the_direct_model_call(
+    tiny_runs, backbone, artifacts, onnx_dir, tmp_path
+):
+    """`--engine onnx --onnx-dir DIR` wires the exported towers into the app end to end."""
+    from tests.server_helpers import (
+        b64,
+        cosines,
+        create_app,
+        png_bytes,
+        reference_features,
+        run,
+        running,
+        settings,
+    )
+
+    artifact = artifacts["a"]
+    inbox = artifact.path.parent
+    config = settings(tiny_runs, tmp_path / "d", inbox, engine="onnx", onnx_dir=onnx_dir)
+    texts, images = ["a red square", "a blue circle"], [png_bytes(4)]
+
+    async def scenario():
+        async with running(create_app(config)) as client:
+            loaded = await client.put("/tasks/t", json={"path": artifact.path.name})
+            embedded = await client.post(
+                "/embed", json={"task": "t", "texts": texts, "images": [b64(images[0])]}
+            )
+            ready = await client.get("/readyz")
+            return loaded, embedded.json(), ready.json()
+
+    loaded, embedded, ready = run(scenario())
+    assert loaded.status_code == 200 and ready["engine"] == "onnx"
+    want = reference_features(backbone, artifact.path, texts, images)
+    # fp32 graphs of the same math: only summation order differs (per-row cosine, STYLE 7).
+    assert cosines(embedded["text_embeddings"], want["text"]).min() >= 0.9999
+    assert cosines(embedded["image_embeddings"], want["image"]).min() >= 0.9999
