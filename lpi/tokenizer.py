@@ -43,6 +43,16 @@ def clip_tokenizer():
 
 def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH) -> Tensor:
     """Texts -> LongTensor [B, context_length]: start, BPE ids, end-of-text, zero padding."""
+    rows = token_ids(texts, context_length)
+    result = torch.zeros(len(rows), context_length, dtype=torch.long)
+    for row, ids in enumerate(rows):
+        result[row, : len(ids)] = torch.tensor(ids)
+    return result
+
+
+def token_ids(texts: str | list[str], context_length: int = CONTEXT_LENGTH) -> list[list[int]]:
+    """Texts -> each text's ids (start, BPE ids, end-of-text), unpadded: `tokenize`'s rows,
+    for callers that pad batches themselves (the server pads to a batch's longest text)."""
     if isinstance(texts, str):
         texts = [texts]
     if not isinstance(texts, list | tuple) or len(texts) == 0:
@@ -51,17 +61,20 @@ def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH) -> Te
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}] is {type(text).__name__}, not str")
     tokenizer = clip_tokenizer()
-    result = torch.zeros(len(texts), context_length, dtype=torch.long)
-    truncated = []
+    rows, truncated = [], []
     for row, text in enumerate(texts):
         ids = [tokenizer.sot_token_id, *tokenizer.encode(text), tokenizer.eot_token_id]
         if len(ids) > context_length:
             truncated.append(row)
             ids = [*ids[: context_length - 1], tokenizer.eot_token_id]
-        result[row, : len(ids)] = torch.tensor(ids)
+        rows.append(ids)
+    _warn_truncated(truncated, context_length)
+    return rows
+
+
+def _warn_truncated(truncated: list[int], context_length: int) -> None:
     if truncated:
         log.warning(
             "texts longer than the context were truncated",
             extra={"rows": truncated[:16], "count": len(truncated), "context": context_length},
         )
-    return result

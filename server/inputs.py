@@ -16,10 +16,12 @@ import io
 import warnings
 from dataclasses import dataclass
 
+import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 import lpi
+from lpi.tokenizer import token_ids
 from server.errors import ApiError
 
 
@@ -100,6 +102,4 @@ def text_rows(texts: list[str], limits: Limits, fields: list[str]) -> list[Tenso
             )  # fmt: skip
         if "\x00" in text:
             raise ApiError(422, "invalid_text", f"{field}: contains a NUL character", field)
-    tokens = lpi.tokenize(list(texts), limits.context_length)  # [B, 77]
-    lengths = tokens.argmax(dim=-1) + 1  # the end-of-text id is the highest
-    return [row[: int(n)] for row, n in zip(tokens, lengths, strict=True)]
+    return [torch.tensor(ids) for ids in token_ids(list(texts), limits.context_length)]

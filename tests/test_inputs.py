@@ -46,6 +46,17 @@ def test_tokenize_equals_open_clip_on_any_text(texts):
     assert torch.equal(lpi.tokenize(texts), open_clip.tokenize(texts))
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(max_size=300), min_size=1, max_size=4))
+def test_token_ids_are_the_unpadded_rows_of_tokenize(texts):
+    """The server pads batches itself from these rows: they must be tokenize's, cut at EOT."""
+    from lpi.tokenizer import token_ids
+
+    padded = lpi.tokenize(texts)
+    for row, ids in zip(padded, token_ids(texts), strict=True):
+        assert row[: len(ids)].tolist() == ids and not row[len(ids) :].any()
+
+
 def _words(count: int) -> str:
     """`count` BPE tokens: each "a" followed by a space is one token."""
     return " ".join(["a"] * count)

@@ -35,7 +35,7 @@ def _check(request: Request, wanted: SecretStr | None, role: str) -> None:
         raise ApiError(403, "forbidden", f"wrong {role} key", "authorization")
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """Query endpoints: the API key if one is set (the admin key is accepted too)."""
     settings = request.app.state.settings
     if settings.api_key is None:
@@ -51,7 +51,7 @@ def require_api_key(request: Request) -> None:
     _check(request, settings.api_key, "API")
 
 
-def require_admin_key(request: Request) -> None:
+async def require_admin_key(request: Request) -> None:
     """Task load, promote and unload: the admin key if one is set, else the API key if that
     is set (an API key never leaves the admin routes open)."""
     settings = request.app.state.settings
