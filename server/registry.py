@@ -249,13 +249,13 @@ class TaskRegistry:
         """Make a loaded version the one /search uses (the store's serving version)."""
         with self._admin:
             with self._lock:
-                self._require(task)
-                if self._hold(task, version) is None:
+                if version not in self._require(task).versions:
                     raise VersionNotLoadedError(
                         f"task {task!r} has no loaded prompt version {version!r} "
                         f"(loaded: {sorted(self._tasks[task].versions)})",
                         field="version",
                     )
+                self._hold(task, version)
             try:
                 self.store.promote(task, version)
                 with self._lock:
