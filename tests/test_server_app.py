@@ -498,3 +498,22 @@ def test_reloading_an_unloaded_task_with_a_new_version_takes_over_search(app_set
     again, found = run(scenario())
     assert again["task"]["serving_version"] == again["task"]["prompt_version"]
     assert [h["id"] for h in found.json()["hits"]] == ["new"]
+
+
+def test_task_loads_and_swaps_touch_no_backbone_weight(app_settings, artifacts):
+    inbox, files = artifacts
+    app = create_app(app_settings())
+
+    async def scenario():
+        async with running(app) as client:
+            backbone = app.state.service.engine.backbone
+            before = {k: v.clone() for k, v in backbone.state_dict().items()}
+            for path in (files["lpi"][0], files["dense"][0], files["lpi"][1]):
+                await load(client, "t", path, inbox, promote=True)
+            await client.delete("/tasks/t")
+            after = backbone.state_dict()
+            return before, after
+
+    before, after = run(scenario())
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
