@@ -5,13 +5,12 @@ The scripts run as `python benchmarks/NAME.py`, so this sits beside them and imp
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from lpi import atomic
 
 
 def time_calls(fns: dict[str, Callable], repeats: int, min_seconds: float) -> dict[str, float]:
@@ -44,8 +43,5 @@ def table(columns: list[tuple[str, str]], rows: list[dict]) -> str:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Atomic write: a temp file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(payload, f, indent=2)
-    os.replace(f.name, path)
+    """Atomic (lpi.atomic): a benchmark killed mid-write leaves the last complete file."""
+    atomic.write_json(path, payload)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from lpi import FoldedTask, FoldedTower, TaskPrefix, fingerprint
+from lpi.atomic import atomic_path
 
 FORMAT = "lpi-task"
 FORMAT_VERSION = 1
@@ -154,12 +154,8 @@ def write_artifact(
         **(extra or {}),
     }
     header = {key: json.dumps(value) for key, value in meta.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=header)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as temp:
+        save_file(tensors, str(temp), metadata=header)
     return read_artifact(path, backbone, backbone_fingerprint)
 
 

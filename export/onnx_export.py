@@ -37,7 +37,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -47,7 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lpi
-from lpi import Backbone, Prefix
+from lpi import Backbone, Prefix, atomic
+from lpi.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,11 @@ CHECK_SEED = 1
 
 class OnnxExportError(RuntimeError):
     """An exported float32 graph that does not compute what torch computes."""
+
+
+class _CheckFailed(Exception):
+    def __init__(self, check: dict) -> None:
+        self.check = check
 
 
 class OnnxManifestError(ValueError):
@@ -145,7 +150,7 @@ def export_towers(
         if entry is not None:
             files[tower]["float16"] = entry
     manifest = _manifest(backbone, layers, tokens, opset, files, checks)
-    _write_json(out_dir / MANIFEST, manifest)
+    atomic.write_json(out_dir / MANIFEST, manifest)
     log.info("wrote %s", out_dir / MANIFEST)
     return manifest
 
@@ -190,17 +195,16 @@ def export_tower(
     generator = torch.Generator().manual_seed(0)
     example = random_inputs(backbone, tower, TRACE_BATCH, TRACE_LENGTH, layers, tokens, generator)
     path = out_dir / file_name(tower, precision)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        trace(module, tower, example, tmp, opset, backbone.config.text.context_length)
-        check = check_graph(tmp, backbone, tower, layers, tokens, MIN_COSINE[precision])
-        if not check["passed"]:
-            return None, check
-        entry = {"file": path.name, "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
-        os.replace(tmp, path)
-        return entry, check
-    finally:
-        tmp.unlink(missing_ok=True)
+        with atomic_path(path) as temp:  # a graph that fails its check is never installed
+            trace(module, tower, example, temp, opset, backbone.config.text.context_length)
+            check = check_graph(temp, backbone, tower, layers, tokens, MIN_COSINE[precision])
+            if not check["passed"]:
+                raise _CheckFailed(check)
+            entry = {"file": path.name, "sha256": sha256_file(temp), "bytes": temp.stat().st_size}
+    except _CheckFailed as failed:
+        return None, failed.check
+    return entry, check
 
 
 def _try_fp16(backbone, tower, out_dir, layers, tokens, opset) -> tuple[dict | None, dict]:
@@ -380,15 +384,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_manifest(directory: str | Path, fingerprint: str | None = None) -> dict:

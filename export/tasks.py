@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -20,7 +19,7 @@ from export.artifact import (
     task_id,
     write_artifact,
 )
-from lpi import fingerprint, fold_task
+from lpi import atomic, fingerprint, fold_task
 from lpi.run_state import load_keys, load_state, load_task
 from lpi.training import method_spec, new_prompts
 
@@ -110,9 +109,4 @@ def write_index(out: Path, artifacts: list[TaskArtifact]) -> Path:
             "bytes": artifact.path.stat().st_size,
             "created": artifact.meta["created"],
         }
-    tmp = path.with_name(f".{INDEX}.tmp")
-    tmp.write_text(
-        json.dumps({"format": "lpi-task-index", "tasks": list(entries.values())}, indent=2)
-    )
-    os.replace(tmp, path)
-    return path
+    return atomic.write_json(path, {"format": "lpi-task-index", "tasks": list(entries.values())})

@@ -6,10 +6,11 @@ Row t is the evaluation after training task t, column i task i; cells above the 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from lpi.atomic import atomic_path
 
 CELL = 64
 MARGIN_LEFT = 150
@@ -46,7 +47,6 @@ def draw_heatmap(matrix: list[list[float]], tasks: list[str], title: str, path: 
             text = "-" if value is None else f"{value:.1f}"
             ink = "white" if value is not None and value > (low + high) / 2 else "black"
             draw.text((box[0] + 14, box[1] + CELL // 2 - 6), text, fill=ink, font=font)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as temp:
+        image.save(temp, format="PNG")
     return path

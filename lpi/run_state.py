@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
+from lpi import atomic
 from lpi.config import PromptConfig
 from lpi.routing import TaskKeys
 
@@ -70,12 +70,6 @@ def json_safe(value):
     return value
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_state(folder: Path, state: RunState) -> None:
     data = {
         "config": asdict(state.config),
@@ -83,7 +77,7 @@ def save_state(folder: Path, state: RunState) -> None:
         "results": state.results,
         "parameters_per_task": state.parameters_per_task,
     }
-    _atomic_write_text(folder / "run.json", json.dumps(data, indent=2))
+    atomic.write_json(folder / "run.json", data)
 
 
 def load_state(folder: Path) -> RunState | None:
@@ -110,11 +104,10 @@ def task_file(folder: Path, index: int, task: str) -> Path:
 def save_task(folder: Path, index: int, task: str, module: torch.nn.Module, meta: dict) -> Path:
     """The trainable parameters of one task, with JSON metadata in the safetensors header."""
     path = task_file(folder, index, task)
-    tmp = path.with_name(f".{path.name}.tmp")
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     metadata = {"task": task, "index": str(index), "meta": json.dumps(meta)}
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic.atomic_path(path) as temp:
+        save_file(tensors, str(temp), metadata=metadata)
     return path
 
 
@@ -131,9 +124,8 @@ def load_task(folder: Path, index: int, task: str, module: torch.nn.Module) -> d
 
 def save_keys(folder: Path, keys: TaskKeys) -> None:
     path = folder / "keys.safetensors"
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(keys.state_dict(), str(tmp), metadata={"tasks": json.dumps(list(keys.names))})
-    os.replace(tmp, path)
+    with atomic.atomic_path(path) as temp:
+        save_file(keys.state_dict(), str(temp), metadata={"tasks": json.dumps(list(keys.names))})
 
 
 def load_keys(folder: Path) -> TaskKeys | None:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from lpi.data.manifest import atomic_write_text
+from lpi import atomic
 from lpi.data.synthetic import TASK_NAMES
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ def _build(root: Path, tasks: int, sizes: DemoSizes, recipe: dict, progress: boo
         shutil.rmtree(build, ignore_errors=True)
         raise
     manifest.update(recipe=recipe, seconds=round(time.perf_counter() - start, 1))
-    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    atomic.write_json(root / MANIFEST, manifest)
     for old in root.glob(CONTENT_PREFIX + "*"):  # earlier builds' content, no longer listed
         if old != content:
             shutil.rmtree(old, ignore_errors=True)

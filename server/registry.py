@@ -21,9 +21,7 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -33,6 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from export import ArtifactError, TaskArtifact, read_artifact
+from lpi import atomic
 from lpi.routing import TaskKeys
 from server.engine import Engine, EngineError, Key
 from server.metrics import Metrics
@@ -404,8 +403,8 @@ class TaskRegistry:
             ) from None
         leftovers = [
             *(self.state_dir / "uploads").glob("upload-*"),
-            *self.state_dir.glob(".tmp-*"),
-            *(self.state_dir / "artifacts").glob("*/.tmp-*"),
+            *self.state_dir.glob(atomic.TEMP_GLOB),
+            *(self.state_dir / "artifacts").glob(f"*/{atomic.TEMP_GLOB}"),
         ]
         for path in leftovers:
             path.unlink(missing_ok=True)
@@ -465,16 +464,8 @@ class TaskRegistry:
         target = self.state_dir / "artifacts" / task / f"{artifact.prompt_version}.safetensors"
         if target.exists():  # the same prompt version, kept by an earlier load
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".safetensors")
-        os.close(handle)
-        try:
+        with atomic.atomic_path(target) as temp:
             shutil.copyfile(source, temp)
-            _fsync(temp)
-            os.replace(temp, target)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
         return target
 
     def _count(self, task: str, version: str | None) -> int:
@@ -514,7 +505,8 @@ class TaskRegistry:
                 for name, state in sorted(self._tasks.items())
             }
             tasks = self._unrestored | tasks
-        _write_json_atomic(self._state_path(), {"format": STATE_FORMAT, "tasks": tasks})
+        atomic.write_json(self._state_path(), {"format": STATE_FORMAT, "tasks": tasks},
+                          sort_keys=True)  # fmt: skip
 
     def _read_state(self) -> dict:
         path = self._state_path()
@@ -548,21 +540,3 @@ class TaskRegistry:
             state.serving = serving
             self._keys_cache = None
             self._set_gauges()
-
-
-def _fsync(path: str | Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(data, out, indent=2, sort_keys=True)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise

@@ -37,6 +37,7 @@ import pytest
 
 import lpi
 from export import read_artifact, write_artifact
+from lpi.atomic import TEMP_GLOB
 from tests.server_helpers import (
     cosines,
     create_app,
@@ -289,7 +290,7 @@ def kill_during_load(server: ServerProcess, data: Path, target: Path, trigger: s
 def check_state_dir(data: Path, versions: set[str]) -> None:
     """registry.json parses and names whole artifacts; every kept artifact reads back.
 
-    Temp files (`.tmp-*`) may be left by the kill; they are never named in registry.json.
+    Temp files (`lpi.atomic.TEMP_GLOB`) may be left by the kill; registry.json never names them.
     """
     state_dir = data / "registry"
     state = json.loads((state_dir / "registry.json").read_text())
@@ -297,10 +298,10 @@ def check_state_dir(data: Path, versions: set[str]) -> None:
     for entry in state["tasks"].values():
         assert entry["active"] in entry["versions"]
         for version, relative in entry["versions"].items():
-            assert version in versions and not Path(relative).name.startswith(".tmp-")
+            assert version in versions and not Path(relative).match(TEMP_GLOB)
             assert read_artifact(state_dir / relative).prompt_version == version
     for path in (state_dir / "artifacts").rglob("*"):
-        if path.is_file() and not path.name.startswith(".tmp-"):
+        if path.is_file() and not path.match(TEMP_GLOB):
             assert read_artifact(path).prompt_version == path.stem, path
 
 
@@ -425,10 +426,13 @@ def test_a_restart_removes_uploads_a_killed_process_left(tiny_runs, artifacts, t
     uploads = tmp_path / "data" / "registry" / "uploads"
     uploads.mkdir(parents=True)
     (uploads / "upload-cut-off.safetensors").write_bytes(b"half an artifact")
+    kept = tmp_path / "data" / "registry" / "artifacts" / "t"
+    kept.mkdir(parents=True)
+    (kept / ".abc.safetensors.x1y2.tmp").write_bytes(b"half a copy")
 
     async def start() -> int:
         async with running(create_app(config)) as client:
             return (await client.get("/readyz")).status_code
 
     assert run(start()) == 200
-    assert list(uploads.iterdir()) == []
+    assert list(uploads.iterdir()) == [] and list(kept.iterdir()) == []

@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from lpi import atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +72,7 @@ def write_manifest(path: str | os.PathLike, records: Iterable[Record]) -> None:
     for index, record in enumerate(records):
         _check_record(f"{path}: record {index}", record)
         lines.append(json.dumps(_to_json(record, folder), ensure_ascii=False))
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Temp file in the same folder, fsync, then os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic.write_text(path, "".join(line + "\n" for line in lines))
 
 
 def tasks(records: Iterable[Record]) -> list[str]:

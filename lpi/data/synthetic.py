@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
-import json
 import logging
 import math
 import re
@@ -45,7 +44,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from lpi.data.manifest import Record, atomic_write_text, write_manifest
+from lpi import atomic
+from lpi.data.manifest import Record, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -554,7 +554,7 @@ def generate(
     )
     summary = _summary(records, tasks, train_per_task, test_per_task, pretrain, image_size, seed)
     summary["seconds"] = round(time.perf_counter() - start, 2)
-    atomic_write_text(out / "synthetic.json", json.dumps(summary, indent=2) + "\n")
+    atomic.write_json(out / "synthetic.json", summary)
     return summary
 
 
