@@ -5,10 +5,20 @@ from __future__ import annotations
 import hmac
 
 from fastapi import Request
-from pydantic import SecretStr
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from server.errors import ApiError
 from server.service import Service
+
+
+async def json_body(request: Request, model: type[BaseModel]):
+    """The body as `model`, read here because these routes also take other content types;
+    failures are FastAPI's own validation errors (422 naming the field)."""
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as err:
+        raise RequestValidationError(err.errors()) from None
 
 
 def service(request: Request) -> Service:

@@ -6,13 +6,12 @@ import re
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import schema
 from server.errors import ApiError
 from server.inputs import decode_base64
-from server.routes.deps import require_api_key, service
+from server.routes.deps import json_body, require_api_key, service
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -51,21 +50,11 @@ async def embed(request: Request) -> dict:
     if content_type.startswith("multipart/form-data"):
         task, texts, images = await _from_form(request)
     else:
-        body = await _json_body(request, schema.EmbedRequest)
+        body = await json_body(request, schema.EmbedRequest)
         task, texts = body.task, body.texts
         images = [decode_base64(s, f"images[{i}]") for i, s in enumerate(body.images)]
     request.state.task = task
     return await service(request).embed(task, texts, images)
-
-
-async def _json_body(request: Request, model):
-    raw = await request.body()
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as err:
-        from fastapi.exceptions import RequestValidationError
-
-        raise RequestValidationError(err.errors()) from None
 
 
 @asynccontextmanager

@@ -13,12 +13,11 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from server import schema
 from server.errors import ApiError
-from server.routes.deps import require_admin_key, require_api_key
+from server.routes.deps import json_body, require_admin_key, require_api_key
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 TaskPath = PathParam(pattern=schema.TASK_PATTERN)
@@ -69,21 +68,19 @@ async def load_task(
     if task == schema.AUTO:
         raise ApiError(422, "reserved_name", "task: 'auto' routes by task keys; pick another "
                        "name", "task")  # fmt: skip
-    content_type = request.headers.get("content-type", "")
-    registry = _registry(request)
-    if content_type.startswith("application/json"):
-        body = _load_request(await request.body())
+    registry, upload = _registry(request), None
+    if request.headers.get("content-type", "").startswith("application/json"):
+        body = await json_body(request, schema.LoadTaskRequest)
         source = confined(request.app.state.settings.inbox, body.path)
-        info, previous, changed = await run_in_threadpool(
-            lambda: registry.load(task, source, promote=body.promote or promote)
-        )
+        promote = promote or body.promote
     else:
-        upload = await _receive_upload(request, registry.state_dir / "uploads")
-        try:
-            info, previous, changed = await run_in_threadpool(
-                lambda: registry.load(task, upload, promote=promote)
-            )
-        finally:
+        source = upload = await _receive_upload(request, registry.state_dir / "uploads")
+    try:
+        info, previous, changed = await run_in_threadpool(
+            registry.load, task, source, promote=promote
+        )
+    finally:
+        if upload is not None:
             upload.unlink(missing_ok=True)
     return {"task": info, "previous_version": previous, "changed": changed}
 
@@ -129,15 +126,6 @@ def confined(root: Path, relative: str) -> Path:
         raise ApiError(404, "no_such_artifact", f"path: no file {relative!r} in the artifact "
                        "directory", "path")  # fmt: skip
     return resolved
-
-
-def _load_request(raw: bytes) -> schema.LoadTaskRequest:
-    try:
-        return schema.LoadTaskRequest.model_validate_json(raw)
-    except ValidationError as err:
-        from fastapi.exceptions import RequestValidationError
-
-        raise RequestValidationError(err.errors()) from None
 
 
 async def _receive_upload(request: Request, folder: Path) -> Path:
