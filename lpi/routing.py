@@ -202,6 +202,21 @@ class TaskKeys:
         return state
 
     @classmethod
+    def from_centres(cls, centres: Mapping[str, Mapping[str, Tensor]]) -> TaskKeys:
+        """Keys from centres already fitted (task -> {"image": [M, E], "text": [M, E]}), as
+        task artifacts carry them: no refit, checked like a saved state."""
+        if not centres:
+            return cls()
+        state = {}
+        for modality in MODALITIES:
+            per_task = [centres[task][modality] for task in centres]
+            state[f"{modality}.centres"] = torch.cat(per_task)
+            state[f"{modality}.task"] = torch.cat(
+                [torch.full((c.shape[0],), i, dtype=torch.long) for i, c in enumerate(per_task)]
+            )
+        return cls.from_state_dict(state, list(centres))
+
+    @classmethod
     def from_state_dict(
         cls,
         state: Mapping[str, Tensor],

@@ -62,8 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     for router in (embed.router, vectors.router, tasks.router, health.router):
         app.include_router(router)
-    registry_names = lambda: app.state.service.registry.names()  # noqa: E731
-    app.add_middleware(RequestMetrics, metrics=metrics, tasks=_safe(registry_names))
+    app.add_middleware(RequestMetrics, metrics=metrics, is_loaded=_loaded_in(app))
     app.add_middleware(
         BodyLimit,
         default_limit=settings.max_body_bytes,
@@ -148,7 +147,7 @@ async def _serve_demo(service: Service, demo) -> None:
     for task, artifact in demo.artifacts.items():
         if task not in registry:
             registry.load(task, Path(artifact))
-        version = registry.info(task)["serving_version"]
+        version = registry.serving_version(task)
         if service.store.count(task, version) > 0:
             continue
         items = demo.items.get(task, [])
@@ -166,13 +165,11 @@ def _b64(path: Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode()
 
 
-def _safe(names):
-    """Task names for metric labels; empty before the service exists."""
+def _loaded_in(app: FastAPI):
+    """Whether a task is loaded, for metric labels (none before the service exists)."""
 
-    def call() -> list[str]:
-        try:
-            return names()
-        except AttributeError:
-            return []
+    def is_loaded(task: str) -> bool:
+        service = getattr(app.state, "service", None)
+        return service is not None and task in service.registry
 
-    return call
+    return is_loaded

@@ -16,7 +16,6 @@ Dimensions: B rows in a batch, T tokens, S image side, E embedding width.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -140,12 +139,6 @@ class Batcher:
                 self._queues[work.modality].remove(work)
                 self._queued[work.modality] -= len(work.rows)
                 self._set_gauge()
-
-    async def encode(
-        self, modality: str, rows: Sequence[Tensor], keys: Sequence[Hashable | None]
-    ) -> Tensor:
-        """`submit` for the event loop; cancelling the awaiting task drops unstarted work."""
-        return await asyncio.wrap_future(self.submit(modality, rows, keys))
 
     # -- the worker thread ------------------------------------------------------------------
 

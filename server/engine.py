@@ -61,7 +61,11 @@ class Engine(Protocol):
     context_length: int
 
     def check(self, artifact: TaskArtifact) -> None:
-        """Raise EngineError if `add` of this artifact would fail; changes nothing."""
+        """Raise EngineError if `add` of this artifact would fail; changes nothing.
+
+        Artifacts come from `export.read_artifact(path, backbone)`, which has checked that
+        they were made for this backbone; engines check only what they hold (J, N, R', slots).
+        """
 
     def add(self, key: Key, artifact: TaskArtifact) -> None:
         """Load a task under `key`; EngineError if it cannot be held or the key is taken."""
@@ -81,34 +85,9 @@ class Engine(Protocol):
 
 
 def artifact_shape(artifact: TaskArtifact) -> tuple[int, int]:
-    """(J, N) of the artifact; EngineError if its two towers disagree."""
-    image, text = artifact.folded.image.key_u.shape, artifact.folded.text.key_u.shape  # [J, N, R']
-    for field, index in (("artifact.layers", 0), ("artifact.tokens", 1)):
-        if image[index] != text[index]:
-            raise EngineError(
-                f"task {artifact.name!r}: image and text towers have {field.split('.')[1]} "
-                f"{image[index]} and {text[index]}; both must be equal",
-                field,
-            )
-    return image[0], image[1]
-
-
-def check_backbone(artifact: TaskArtifact, backbone_id: str, widths: dict[str, int]) -> None:
-    """The artifact was made for this backbone: same fingerprint, same tower widths D."""
-    made_for = artifact.meta.get("backbone_fingerprint")
-    if made_for != backbone_id:
-        raise EngineError(
-            f"task {artifact.name!r} was made for backbone {str(made_for)[:12]}, this engine "
-            f"serves {backbone_id[:12]}: re-export the task against it",
-            "artifact.backbone_fingerprint",
-        )
-    for tower in TOWERS:
-        width = getattr(artifact.folded, tower).key_m.shape[-1]  # [J, R', D]
-        if width != widths[tower]:
-            raise EngineError(
-                f"task {artifact.name!r}: {tower} width {width}, the backbone's is {widths[tower]}",
-                "artifact.width",
-            )
+    """(J, N) of the artifact (`read_artifact` has checked that both towers agree)."""
+    layers, tokens, _ = artifact.folded.image.key_u.shape  # [J, N, R']
+    return layers, tokens
 
 
 def check_shape(artifact: TaskArtifact, layers: int, tokens: int, held: str) -> None:
@@ -170,7 +149,6 @@ class TorchEngine:
         self.image_size = config.vision.image_size
         self.context_length = config.text.context_length
         self.widths = {"image": config.vision.width, "text": config.text.width}
-        self.depth = min(config.vision.layers, config.text.layers)
         self.slots, self.max_rank = slots, max_rank
         self._dtype = next(backbone.parameters()).dtype  # the pools match q: no cast per layer
         self._lock = threading.Lock()
@@ -226,14 +204,8 @@ class TorchEngine:
         return encode(data, prefix).to("cpu", torch.float32)  # [B, E]
 
     def _check(self, artifact: TaskArtifact) -> None:
-        """Everything `add` needs, under the lock: backbone, shape, rank, a free slot."""
-        check_backbone(artifact, self.backbone_id, self.widths)
-        layers, _ = artifact_shape(artifact)
-        if layers > self.depth:
-            raise EngineError(
-                f"task {artifact.name!r} prompts {layers} layers; the backbone has {self.depth}",
-                "artifact.layers",
-            )
+        """What `add` needs, under the lock: shape, rank, a free slot. That the artifact was
+        made for this backbone (fingerprint, widths, depth) `read_artifact` has checked."""
         if not self._pools:
             return
         image = self._pools["image"]
@@ -342,7 +314,7 @@ class OnnxEngine:
         self._prefixes: dict[Key, dict[str, tuple[Tensor, Tensor]]] = {}  # tower -> K_p, V_p
 
     def check(self, artifact: TaskArtifact) -> None:
-        check_backbone(artifact, self.backbone_id, self.widths)
+        """J and N of the export (the backbone match is `read_artifact`'s check)."""
         check_shape(artifact, self.layers, self.tokens, "the ONNX export")
 
     def add(self, key: Key, artifact: TaskArtifact) -> None:

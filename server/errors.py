@@ -61,13 +61,11 @@ _STORE_STATUS = (
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api(request: Request, err: ApiError):
+    async def _refusal(request: Request, err: ApiError | RegistryError):
         return error_response(err.status, err.kind, str(err), err.field)
 
-    @app.exception_handler(RegistryError)
-    async def _registry(request: Request, err: RegistryError):
-        return error_response(err.status, err.kind, str(err), err.field)
+    app.add_exception_handler(ApiError, _refusal)  # both carry status, kind and field
+    app.add_exception_handler(RegistryError, _refusal)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, err: RequestValidationError):

@@ -6,12 +6,12 @@ is spawned per request.
 
 from __future__ import annotations
 
-import json
 import time
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.errors import error_response
 from server.metrics import NO_TASK, Metrics
 
 
@@ -35,7 +35,7 @@ class BodyLimit:
         limit = self.upload_limit if _is_upload(scope) else self.default_limit
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            await _too_large(send, limit)
+            await _too_large(scope, receive, send, limit)
             return
         received, started = 0, False
 
@@ -57,28 +57,23 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await _too_large(send, limit)
+                await _too_large(scope, receive, send, limit)
 
 
 def _is_upload(scope: Scope) -> bool:
     return scope["method"] == "PUT" and scope["path"].startswith("/tasks/")
 
 
-async def _too_large(send: Send, limit: int) -> None:
-    body = json.dumps({"error": {
-        "type": "body_too_large", "message": f"the request body exceeds {limit} bytes",
-        "field": "body",
-    }}).encode()  # fmt: skip
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 413, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+    message = f"the request body exceeds {limit} bytes"
+    await error_response(413, "body_too_large", message, "body")(scope, receive, send)
 
 
 class RequestMetrics:
     """Counts and times every request by route template, loaded task and status."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, tasks) -> None:
-        self.app, self.metrics, self.tasks = app, metrics, tasks
+    def __init__(self, app: ASGIApp, metrics: Metrics, is_loaded) -> None:
+        self.app, self.metrics, self.is_loaded = app, metrics, is_loaded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -99,6 +94,6 @@ class RequestMetrics:
             path = getattr(route, "path", "unmatched")
             if path != "/metrics":
                 task = scope.get("state", {}).get("task")
-                label = task if isinstance(task, str) and task in self.tasks() else NO_TASK
+                label = task if isinstance(task, str) and self.is_loaded(task) else NO_TASK
                 self.metrics.requests.labels(path, label, str(status)).inc()
                 self.metrics.latency.labels(path, label).observe(time.perf_counter() - started)

@@ -160,15 +160,16 @@ class TaskRegistry:
             return self._require(task).serving
 
     def task_keys(self) -> TaskKeys:
-        """Routing keys of every active version that has them (for task='auto')."""
+        """Routing keys of every active version that has them (for task='auto'); rebuilt
+        only when an active version changes."""
         with self._lock:
             if self._keys_cache is None:
-                keys = TaskKeys()
-                for name, state in sorted(self._tasks.items()):
-                    artifact = state.versions[state.active].artifact
-                    if {"image", "text"} <= set(artifact.keys):
-                        keys.add(name, artifact.keys["image"], artifact.keys["text"])
-                self._keys_cache = keys
+                artifacts = {
+                    n: s.versions[s.active].artifact for n, s in sorted(self._tasks.items())
+                }
+                self._keys_cache = TaskKeys.from_centres(
+                    {n: a.keys for n, a in artifacts.items() if {"image", "text"} <= set(a.keys)}
+                )
             return self._keys_cache
 
     # -- pins ---------------------------------------------------------------------------------
@@ -205,10 +206,8 @@ class TaskRegistry:
 
     # -- admin --------------------------------------------------------------------------------
 
-    def load(
-        self, task: str, source: Path, *, promote: bool = False
-    ) -> tuple[dict, str | None, bool]:
-        """Load (or replace) `task` from an artifact file; returns (info, previous, changed).
+    def load(self, task: str, source: Path, *, promote: bool = False) -> tuple[str | None, bool]:
+        """Load (or replace) `task` from an artifact file; returns (previous version, changed).
 
         Any failure leaves the registry, the engine and the store as they were. The version is
         held (pinned) from the moment it is found or added until the switch, so no request
@@ -224,7 +223,7 @@ class TaskRegistry:
             fresh = held is None
             try:
                 if unchanged:
-                    return self.info(task), version, False
+                    return version, False
                 if fresh:
                     held = self._add_to_engine(task, artifact, source)
                 try:
@@ -242,9 +241,9 @@ class TaskRegistry:
             self._save_state()
             self._observe_swap(started, previous != version)
             log.info("task %s: version %s serves new requests (was %s)", task, version, previous)
-            return self.info(task), previous, previous != version
+            return previous, previous != version
 
-    def promote(self, task: str, version: str) -> dict:
+    def promote(self, task: str, version: str) -> None:
         """Make a loaded version the one /search uses (the store's serving version)."""
         with self._admin:
             with self._lock:
@@ -264,7 +263,6 @@ class TaskRegistry:
                 with self._lock:
                     self._unpin(task, version)
         self._save_state()
-        return self.info(task)
 
     def unload(self, task: str, *, delete_vectors: bool = False) -> list[str]:
         """Stop serving `task`; stored vectors are kept unless `delete_vectors`.
@@ -374,6 +372,7 @@ class TaskRegistry:
         state.versions[held.version] = held
         state.active, state.serving = held.version, serving
         self._keys_cache = None
+        self._set_gauges()
         return previous
 
     def _try_restore(self, task: str, version: str, active: str) -> list[str]:
@@ -442,8 +441,7 @@ class TaskRegistry:
             if version not in state.needed() and state.versions[version].pins == 0:
                 del state.versions[version]
                 self.engine.remove((state.name, version))
-        self._keys_cache = None
-        self._set_gauges()
+                self._set_gauges()
 
     def _read(self, source: Path) -> TaskArtifact:
         try:

@@ -356,23 +356,38 @@ def test_unload_and_metrics(app_settings, artifacts):
 
 
 def test_routing_by_task_keys(app_settings, artifacts):
+    """task='auto' sends each item to the task whose stored keys are nearest its bare vector,
+    and embeds it with that task's prompt."""
+    from export import read_artifact
+    from lpi.routing import TaskKeys
+
     inbox, files = artifacts
+    texts, images = ["a red square", "a dog", "a striped disc"], [b64(png_bytes(5))]
+    keys = TaskKeys.from_centres({f"task{i}": read_artifact(p).keys for i, p in
+                                  enumerate(files["lpi"])})  # fmt: skip
 
     async def scenario():
         async with running(create_app(app_settings())) as client:
             none = await client.post("/embed", json={"task": "auto", "texts": ["x"]})
             for i, path in enumerate(files["lpi"]):
                 await load(client, f"task{i}", path, inbox)
-            routed = await client.post("/embed", json={
-                "task": "auto", "texts": ["a red square", "a dog"], "images": [b64(png_bytes(5))]
-            })  # fmt: skip
-            return none, routed.json()
+            body = {"texts": texts, "images": images}
+            bare = (await client.post("/embed", json=body)).json()
+            routed = (await client.post("/embed", json=body | {"task": "auto"})).json()
+            direct = {
+                task: (await client.post("/embed", json=body | {"task": task})).json()
+                for task in ("task0", "task1")
+            }
+            return none, bare, routed, direct
 
-    none, routed = run(scenario())
+    none, bare, routed, direct = run(scenario())
     assert none.status_code == 409 and none.json()["error"]["field"] == "task"
-    assert len(routed["text_tasks"]) == 2 and len(routed["image_tasks"]) == 1
-    used = set(routed["text_tasks"]) | set(routed["image_tasks"])
-    assert used <= set(routed["prompt_versions"]) and used <= {"task0", "task1"}
+    want_text = keys.route_names(torch.tensor(bare["text_embeddings"]), "text")
+    want_image = keys.route_names(torch.tensor(bare["image_embeddings"]), "image")
+    assert routed["text_tasks"] == want_text and routed["image_tasks"] == want_image
+    for row, task in enumerate(want_text):  # each row embedded with its routed task's prompt
+        got = routed["text_embeddings"][row]
+        assert cosines([got], [direct[task]["text_embeddings"][row]]).min() >= MIN_COSINE
 
 
 def test_the_registry_comes_back_after_a_restart(tiny_runs, artifacts, tmp_path):

@@ -28,6 +28,11 @@ class Recorder:
         return flat[:, :1].repeat(1, 4)  # [B, 4]: each row's first value
 
 
+def encode(batcher: Batcher, modality, rows, keys):
+    """What the server awaits: the batcher's future on the event loop."""
+    return asyncio.wrap_future(batcher.submit(modality, rows, keys))
+
+
 def text_row(first: int, length: int) -> torch.Tensor:
     return torch.arange(first, first + length)
 
@@ -39,7 +44,7 @@ def test_rows_of_many_tasks_share_a_batch_and_come_back_in_order():
 
     async def scenario():
         calls = [
-            batcher.encode("text", [text_row(10 * n, 3 + n % 4)], [("task", str(n % 3))])
+            encode(batcher, "text", [text_row(10 * n, 3 + n % 4)], [("task", str(n % 3))])
             for n in range(12)
         ]
         return await asyncio.gather(*calls)
@@ -63,7 +68,7 @@ def test_batches_respect_the_size_limit_and_never_split_a_request():
     async def scenario():
         rows = lambda n: [torch.randn(3, 4, 4) for _ in range(n)]  # noqa: E731
         sizes = [3, 3, 3, 5, 1, 8]
-        return await asyncio.gather(*(batcher.encode("image", rows(n), [None] * n) for n in sizes))
+        return await asyncio.gather(*(encode(batcher, "image", rows(n), [None] * n) for n in sizes))
 
     try:
         results = asyncio.run(scenario())
@@ -81,9 +86,9 @@ def test_modalities_batch_separately():
 
     async def scenario():
         return await asyncio.gather(
-            batcher.encode("text", [text_row(1, 2)], [None]),
-            batcher.encode("image", [torch.ones(3, 2, 2)], [None]),
-            batcher.encode("text", [text_row(5, 4)], [None]),
+            encode(batcher, "text", [text_row(1, 2)], [None]),
+            encode(batcher, "image", [torch.ones(3, 2, 2)], [None]),
+            encode(batcher, "text", [text_row(5, 4)], [None]),
         )
 
     try:

@@ -76,12 +76,11 @@ async def load_task(
     else:
         source = upload = await _receive_upload(request, registry.state_dir / "uploads")
     try:
-        info, previous, changed = await run_in_threadpool(
-            registry.load, task, source, promote=promote
-        )
+        previous, changed = await run_in_threadpool(registry.load, task, source, promote=promote)
     finally:
         if upload is not None:
             upload.unlink(missing_ok=True)
+    info = await run_in_threadpool(registry.info, task)  # counts vectors: outside the load
     return {"task": info, "previous_version": previous, "changed": changed}
 
 
@@ -92,7 +91,9 @@ async def load_task(
 async def promote_task(body: schema.PromoteRequest, request: Request, task: str = TaskPath) -> dict:
     """Make a loaded version the one /search uses (after re-indexing under it)."""
     request.state.task = task
-    return await run_in_threadpool(_registry(request).promote, task, body.version)
+    registry = _registry(request)
+    await run_in_threadpool(registry.promote, task, body.version)
+    return await run_in_threadpool(registry.info, task)
 
 
 @router.delete(
