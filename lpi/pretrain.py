@@ -83,6 +83,24 @@ def pretrain(
     return history
 
 
+def pretrain_preset(
+    records, preset: str, out: Path, epochs: int, lr: float, weight_decay: float,
+    batch_size: int, seed: int, device: str, workers: int = 0,
+) -> list[float]:  # fmt: skip
+    """A new backbone of `preset`, pretrained on `records` and saved to `out`; the loss per
+    epoch. The whole job of `python -m lpi.pretrain`, for callers that are not a CLI."""
+    torch.manual_seed(seed)
+    backbone = Backbone(load_preset(preset))
+    loader = make_loader(
+        records, backbone.config.vision.image_size, batch_size, shuffle=True, seed=seed,
+        num_workers=workers, cache=True, drop_last=True,
+    )  # fmt: skip
+    history = pretrain(backbone, loader, epochs, lr, weight_decay, device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_backbone(backbone.cpu(), out)
+    return history
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = parse_args(argv)
@@ -90,23 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         log.error("%s has no records of split %r", args.manifest, args.split)
         return 2
-    torch.manual_seed(args.seed)
-    backbone = Backbone(load_preset(args.preset))
-    size = backbone.config.vision.image_size
-    loader = make_loader(
-        records,
-        size,
-        args.batch_size,
-        shuffle=True,
-        seed=args.seed,
-        num_workers=args.workers,
-        cache=True,
-        drop_last=True,
-    )
     start = time.perf_counter()
-    history = pretrain(backbone, loader, args.epochs, args.lr, args.weight_decay, args.device)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_backbone(backbone.cpu(), args.out)
+    history = pretrain_preset(
+        records, args.preset, args.out, args.epochs, args.lr, args.weight_decay,
+        args.batch_size, args.seed, args.device, args.workers,
+    )  # fmt: skip
     log.info(
         "pretrained %s on %d images in %.0f s: loss %.3f -> %.3f, saved %s",
         args.preset,

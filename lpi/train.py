@@ -128,7 +128,7 @@ def train_task(args, backbone, prompts, records, earlier, targets, spec, device)
         seed=args.seed,
         num_workers=args.workers,
         cache=args.cache,
-        drop_last=len(records) > args.batch_size,
+        drop_last=True,
     )
     optimizer, scheduler = make_optimizer(
         prompts.parameters(), args.lr, args.weight_decay, args.epochs * len(loader)

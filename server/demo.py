@@ -279,31 +279,17 @@ def _build_into(
 
 
 def _pretrain(manifest: Path, out: Path, sizes: DemoSizes, device: str) -> Path:
-    """`python -m lpi.pretrain` on the pretraining split, as its main does it."""
-    from lpi.backbone import Backbone
-    from lpi.checkpoint import save_backbone
-    from lpi.config import load_preset
-    from lpi.data.loader import make_loader
+    """`python -m lpi.pretrain` on the pretraining split."""
     from lpi.data.manifest import read_manifest, select
-    from lpi.pretrain import pretrain
+    from lpi.pretrain import pretrain_preset
 
     records = select(read_manifest(manifest), split="train")
-    torch.manual_seed(sizes.seed)
-    backbone = Backbone(load_preset(PRESET))
-    loader = make_loader(
-        records,
-        backbone.config.vision.image_size,
-        min(PRETRAIN_BATCH, len(records)),  # drop_last: a smaller set still gets one batch
-        shuffle=True,
-        seed=sizes.seed,
-        cache=True,
-        drop_last=True,
-    )
-    history = pretrain(
-        backbone, loader, sizes.pretrain_epochs, PRETRAIN_LR, PRETRAIN_WEIGHT_DECAY, device
-    )
+    history = pretrain_preset(
+        records, PRESET, out, sizes.pretrain_epochs, PRETRAIN_LR, PRETRAIN_WEIGHT_DECAY,
+        PRETRAIN_BATCH, sizes.seed, device,
+    )  # fmt: skip
     log.debug("pretraining loss %.3f -> %.3f", history[0], history[-1])
-    return save_backbone(backbone.cpu(), out)
+    return out
 
 
 def _train(manifest: Path, backbone: Path, out: Path, sizes: DemoSizes, device: str):

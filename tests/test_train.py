@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+import lpi
 from lpi.evaluate import main as evaluate_main
 from lpi.run_state import load_state, task_file
 from lpi.train import main as train_main
@@ -114,3 +115,17 @@ def test_evaluate_reproduces_the_recorded_final_evaluation(tiny_runs, tmp_path):
             "5",
             "10",
         }
+
+
+def test_pretraining_a_set_smaller_than_one_batch(tiny_runs, tmp_path):
+    """drop_last never drops the only batch (it once made `python -m lpi.pretrain` divide by
+    zero on 16 images with its default batch of 128)."""
+    from lpi.pretrain import main as pretrain_main
+
+    out = tmp_path / "pretrained.safetensors"
+    code = pretrain_main([
+        "--manifest", str(tiny_runs / "data" / "pretrain.jsonl"), "--out", str(out),
+        "--epochs", "1", "--batch-size", "128",
+    ])  # fmt: skip
+    assert code == 0
+    assert lpi.load_backbone(out).config.vision.image_size == 32

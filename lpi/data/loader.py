@@ -117,7 +117,10 @@ def make_loader(
     drop_last: bool = False,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """A training loader: each epoch, every image once with one caption drawn from `seed`."""
+    """A training loader: each epoch, every image once with one caption drawn from `seed`.
+
+    `drop_last` never drops the only batch: a set smaller than `batch_size` is one batch.
+    """
     dataset = CaptionDataset(records, image_size, cache=cache)
     return DataLoader(
         dataset,
@@ -126,7 +129,7 @@ def make_loader(
         collate_fn=collate,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
-        drop_last=drop_last,
+        drop_last=drop_last and len(dataset) >= batch_size,
         pin_memory=pin_memory,
     )
 
