@@ -153,10 +153,14 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['name']} | {r['parameters_per_task']:,} | {r['final_r1_oracle']:.2f} "
             f"| {forget[0]} | {r['final_r1_routed']:.2f} | {forget[1]} "
-            f"| {r['routing_accuracy']['image']:.0f}/{r['routing_accuracy']['text']:.0f} "
+            f"| {_accuracy(r['routing_accuracy'])} "
             f"| {r['seconds']:.0f} |"
         )
     return "\n".join(lines)
+
+
+def _accuracy(accuracy: dict | None) -> str:
+    return "-" if accuracy is None else f"{accuracy['image']:.0f}/{accuracy['text']:.0f}"
 
 
 def main() -> None:

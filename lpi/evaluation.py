@@ -75,14 +75,12 @@ def evaluate_seen(
     oracle = metrics.task_and_union_recall(
         _galleries(backbone, bank, sets, oracle_image, oracle_text)
     )
-    result = {"tasks": list(sets), "oracle": oracle}
-    if bank is None or keys is None:
-        result["routed"], result["routing_accuracy"] = oracle, {"image": 100.0, "text": 100.0}
-    else:
-        routed_image, routed_text, accuracy = _routes(backbone, keys, sets)
-        routed = _galleries(backbone, bank, sets, routed_image, routed_text)
-        result["routed"] = metrics.task_and_union_recall(routed)
-        result["routing_accuracy"] = accuracy
+    result = {"tasks": list(sets), "oracle": oracle, "routed": oracle, "routing_accuracy": None}
+    if keys is not None:  # routing is measured even where no prompt makes it matter
+        routed_image, routed_text, result["routing_accuracy"] = _routes(backbone, keys, sets)
+        if bank is not None:
+            routed = _galleries(backbone, bank, sets, routed_image, routed_text)
+            result["routed"] = metrics.task_and_union_recall(routed)
     result["r1"] = {
         mode: {t: headline_r1(result[mode][t]["task"]) for t in sets}
         for mode in ("oracle", "routed")
