@@ -11,14 +11,13 @@ absolute numbers belong to the machine named in the output.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 from functools import partial
 from pathlib import Path
 
 import torch
-from benchkit import time_calls
+from benchkit import time_calls, write_json
 
 import lpi
 
@@ -166,8 +165,7 @@ def main() -> None:
     )
     print(HEADER)
     rows = [row for name in args.presets for row in bench_preset(name, args)]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    write_json(args.out, {"machine": machine, "rows": rows})
     print(f"wrote {args.out}")
 
 

@@ -15,7 +15,9 @@ import json
 import time
 from pathlib import Path
 
-from lpi import evaluate, pretrain, train
+from benchkit import write_json
+
+from lpi import atomic, evaluate, pretrain, train
 from lpi.data import synthetic
 
 METHODS = [
@@ -172,10 +174,10 @@ def main() -> None:
     text = table(rows)
     print(text)
     print(f"total {time.perf_counter() - start:.0f} s")
-    (args.out / "results.json").write_text(
-        json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=2)
+    write_json(
+        args.out / "results.json", {"args": vars(args) | {"out": str(args.out)}, "rows": rows}
     )
-    (args.out / "results.md").write_text(text + "\n")
+    atomic.write_text(args.out / "results.md", text + "\n")
 
 
 if __name__ == "__main__":

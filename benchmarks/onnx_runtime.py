@@ -13,7 +13,6 @@ Inputs are prepared before timing; the timed call is the forward pass alone.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -23,7 +22,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from benchkit import time_calls
+from benchkit import time_calls, write_json
 
 import lpi
 from export.onnx_export import OnnxTowers, export_towers
@@ -162,8 +161,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lpi-onnx-bench-") as work:
         rows = [row for name in args.presets for row in bench_preset(name, args, Path(work))]
     machine["load_average_at_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    write_json(args.out, {"machine": machine, "rows": rows})
     print(f"wrote {args.out}")
 
 

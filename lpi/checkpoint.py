@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lpi.atomic import atomic_path
 from lpi.backbone import Backbone
 from lpi.config import ClipConfig, TextConfig, VisionConfig, load_preset, preset_names
 
@@ -137,7 +138,7 @@ def build_from_state_dict(state: dict[str, Tensor], config: ClipConfig) -> Backb
 
 
 def save_backbone(model: Backbone, path: str | Path) -> Path:
-    """Write weights + architecture as one safetensors file (atomic: temp file, then rename).
+    """Write weights + architecture as one safetensors file (atomically, `lpi.atomic`).
 
     The name must end in `.safetensors`: `load_backbone` picks the reader by suffix.
     """
@@ -146,13 +147,9 @@ def save_backbone(model: Backbone, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: save_backbone writes safetensors; name it *.safetensors")
-    tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    try:
-        save_file(tensors, str(tmp), metadata={CONFIG_METADATA_KEY: model.config.to_json()})
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as temp:
+        save_file(tensors, str(temp), metadata={CONFIG_METADATA_KEY: model.config.to_json()})
     return path
 
 

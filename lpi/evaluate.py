@@ -9,12 +9,12 @@ task across the sequence.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 import torch
 
+from lpi import atomic
 from lpi.checkpoint import fingerprint, load_backbone
 from lpi.data.loader import eval_set
 from lpi.data.manifest import read_manifest, select
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RunError, ValueError, OSError) as err:
         log.error("%s", err)
         return 2
-    (args.run / "eval.json").write_text(json.dumps(report, indent=2))
+    atomic.write_json(args.run / "eval.json", report)
     title = f"{report['method']}: R@1 (mean of both directions), oracle task"
     draw_heatmap(report["oracle"]["matrix"], report["tasks"], title, args.run / "recall.png")
     log.info(
