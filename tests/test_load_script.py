@@ -139,7 +139,7 @@ def test_version_checks_catch_unknown_and_stale_versions():
     record.swaps.append(load.Swap(1, "t", "b.safetensors", 1.0, 1.1, version="b", changed=True))
 
     def embed(start: float, end: float, version: str) -> load.Sample:
-        return load.Sample(1, "embed", "t", 1, start, end, 200, version=version)
+        return load.Sample(1, "embed", "t", 1, start, end, version=version)
 
     record.samples = [
         embed(0.1, 0.2, "a"),  # before the swap: fine

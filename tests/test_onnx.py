@@ -210,8 +210,14 @@ def test_export_refuses_a_prompt_shape_the_backbone_cannot_take(tiny_backbone, t
         onnx_export.export_towers(tiny_backbone, tmp_path, layers=2, tokens=4, opset=17)
 
 
-def test_cli_help_names_every_option():
-    text = add_onnx_arguments(argparse.ArgumentParser()).format_help()
+def test_cli_help_names_every_option(capsys):
+    """`python -m export onnx --help` reaches the ONNX subcommand's own options."""
+    from export.__main__ import main as export_main
+
+    with pytest.raises(SystemExit) as done:
+        export_main(["onnx", "--help"])
+    text = capsys.readouterr().out
+    assert done.value.code == 0
     for option in ("--backbone", "--out", "--layers", "--tokens", "--opset", "--no-fp16"):
         assert option in text
 

@@ -8,6 +8,7 @@ import time
 
 import httpx
 
+from clients.errors import parse_retry_after
 from clients.load.config import LoadConfig
 from clients.load.inputs import Request, Workload
 from clients.load.metrics import prometheus_sums
@@ -47,7 +48,7 @@ class Driver:
     async def send(self, request: Request, concurrency: int) -> tuple[Sample, float | None]:
         """One request -> its sample and the Retry-After seconds of a 503 (else None)."""
         start = self.clock()
-        sample = Sample(concurrency, request.op, request.task, request.items, start, start, None)
+        sample = Sample(concurrency, request.op, request.task, request.items, start, start)
         try:
             response = await self.http.post(
                 request.path, json=request.body, headers=self.query_headers
@@ -58,10 +59,11 @@ class Driver:
         except httpx.TransportError as err:
             sample.end, sample.error = self.clock(), f"connection {type(err).__name__}"
             return sample, None
-        sample.end, sample.status = self.clock(), response.status_code
+        sample.end = self.clock()
         if response.status_code != 200:
             sample.error = _error_kind(response)
-            return sample, _retry_after(response)
+            wait = parse_retry_after(response.headers.get("retry-after"))
+            return sample, (wait or 0.1) if response.status_code == 503 else None
         # Plain JSON and a few checks, not schema models: validating every float of every
         # vector would make the client, not the server, the bottleneck.
         sample.error, sample.version = _check_answer(request, response)
@@ -132,15 +134,6 @@ def _error_kind(response: httpx.Response) -> str:
     except ValueError:
         return str(response.status_code)
     return f"{response.status_code} {kind}"
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    if response.status_code != 503:
-        return None
-    try:
-        return float(response.headers.get("retry-after", "0.1"))
-    except ValueError:
-        return 0.1
 
 
 def _check_answer(request: Request, response: httpx.Response) -> tuple[str | None, str | None]:

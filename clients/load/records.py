@@ -18,7 +18,6 @@ class Sample:
     items: int
     start: float
     end: float
-    status: int | None
     error: str | None = None  # the kind, None when it succeeded
     version: str | None = None  # /embed's prompt_version
 
