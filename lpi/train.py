@@ -110,6 +110,14 @@ def start_or_resume(args: argparse.Namespace, backbone, manifest_tasks: list[str
         raise RunError(f"{args.out}: the run used another backbone ({saved.backbone})")
     if saved.method != config.method or saved.prompt != config.prompt:
         raise RunError(f"{args.out}: the run used method {saved.method} with {saved.prompt}")
+    # run.json records one recipe: a resume that trained on with another would lie about it.
+    recipe = ("epochs", "batch_size", "lr", "weight_decay", "seed")
+    changed = [f"{k} {getattr(saved, k)} -> {getattr(config, k)}" for k in recipe
+               if getattr(saved, k) != getattr(config, k)]  # fmt: skip
+    if changed:
+        raise RunError(
+            f"{args.out}: the run was trained with other settings ({', '.join(changed)})"
+        )
     if config.tasks[: len(state.done)] != state.done:
         raise RunError(
             f"{args.out}: finished tasks {state.done} are not a prefix of {config.tasks}"

@@ -76,6 +76,16 @@ def test_resume_with_another_method_is_refused(tiny_runs, tmp_path, caplog):
     assert "the run used method lpi" in caplog.text
 
 
+def test_resume_with_another_recipe_is_refused(tiny_runs, tmp_path, caplog):
+    """run.json records one learning rate (and epochs, batch, seed): a resume may not change it."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs / "lpi", run)
+    stamps = {p.name: p.stat().st_mtime_ns for p in run.glob("task-*")}
+    assert train_main(_args(tiny_runs, run, "--lr", "0.5")) == 2
+    assert "lr" in caplog.text and "-> 0.5" in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in run.glob("task-*")} == stamps
+
+
 def test_bad_manifest_fails_before_training(tiny_runs, tmp_path, caplog):
     manifest = tiny_runs / "data" / "broken.jsonl"  # beside the images it names
     lines = (tiny_runs / "data" / "manifest.jsonl").read_text().splitlines()
