@@ -73,7 +73,7 @@ def _require_triton(device: torch.device, needs_grad: bool) -> None:
     if needs_grad:
         raise RuntimeError(
             f"{BACKEND_ENV}=triton but the fused kernel has no backward: train through "
-            "kernels.attention_with_prefix, or run without gradients"
+            "kernels.attention_over_prefix (the reference), or run without gradients"
         )
     interpreting = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
     if device.type != "cuda" and not interpreting:

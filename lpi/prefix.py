@@ -99,10 +99,6 @@ class SlotPrefix:
     def width(self) -> int:
         return self.pool.width
 
-    @property
-    def active(self) -> Tensor:
-        return self.slots >= 0
-
     def layer(self, index: int) -> SlotLayerPrefix | None:
         if index >= self.layers:
             return None
