@@ -18,7 +18,7 @@ from pathlib import Path
 from benchkit import write_json
 
 from lpi import atomic, evaluate, pretrain, train
-from lpi.data import synthetic
+from lpi.continual.data import synthetic
 
 METHODS = [
     "zero-shot",

@@ -124,7 +124,7 @@ def build_bundle(root: Path) -> tuple[Path, Path]:
     import lpi
     from export.tasks import export_run
     from lpi.checkpoint import save_backbone
-    from lpi.data import synthetic
+    from lpi.continual.data import synthetic
     from lpi.train import main as train_main
 
     synthetic.main([

@@ -2,7 +2,7 @@
 
 `Client` and `AsyncClient` are twins, method for method, over one I/O-free base
 (clients/base.py); their results are the wire schema's models (`clients.schema`, which is
-`server.schema`). The SDK imports only httpx, pydantic and the schema.
+`wire.schema`). The SDK imports only httpx, pydantic and the schema.
 
     from clients import Client, text_item
 
@@ -26,7 +26,7 @@ from clients.errors import (
     VersionChangedError,
 )
 from clients.sync import Client
-from server import schema
+from wire import schema
 
 __all__ = [
     "AsyncClient",

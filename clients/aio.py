@@ -27,7 +27,7 @@ from clients.base import (
     T,
     mirror_docs,
 )
-from server import schema
+from wire import schema
 
 
 @mirror_docs

@@ -15,7 +15,6 @@ import io
 import logging
 import os
 import random
-import re
 import sys
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence, Sized
@@ -35,7 +34,7 @@ from clients.errors import (
     error_from_response,
     parse_retry_after,
 )
-from server import schema
+from wire import schema
 
 log = logging.getLogger("clients")
 
@@ -507,7 +506,7 @@ def _concat(lists: Iterable[list | None]) -> list | None:
 
 
 def _task(task: str) -> str:
-    if not isinstance(task, str) or not re.match(schema.TASK_PATTERN, task):
+    if not schema.is_task_name(task):
         raise ValueError(f"task: {task!r} is not a task name (lowercase letters, digits, '_.-')")
     return task
 

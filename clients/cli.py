@@ -31,7 +31,7 @@ from pydantic import TypeAdapter, ValidationError
 from clients.base import DEFAULT_CHUNK, DEFAULT_TIMEOUT, DEFAULT_URL, image_item, merge_embeddings
 from clients.errors import LpiError
 from clients.sync import Client
-from server import schema
+from wire import schema
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 _JSON = TypeAdapter(Any)

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from server import schema
+from wire import schema
 
 
 class LpiError(Exception):

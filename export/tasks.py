@@ -20,8 +20,8 @@ from export.artifact import (
     write_artifact,
 )
 from lpi import atomic, fingerprint, fold_task
-from lpi.run_state import load_keys, load_state, load_task
-from lpi.training import method_spec, new_prompts
+from lpi.continual.methods import method_spec, new_prompts
+from lpi.continual.run_state import load_keys, load_state, load_task
 
 log = logging.getLogger(__name__)
 INDEX = "index.json"

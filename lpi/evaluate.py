@@ -16,13 +16,13 @@ import torch
 
 from lpi import atomic
 from lpi.checkpoint import fingerprint, load_backbone
-from lpi.data.loader import eval_set
-from lpi.data.manifest import read_manifest, select
-from lpi.evaluation import evaluate_seen, make_test_set, summarise
-from lpi.heatmap import draw_heatmap
+from lpi.continual.data.loader import eval_set
+from lpi.continual.data.manifest import read_manifest, select
+from lpi.continual.evaluation import evaluate_seen, make_test_set, summarise
+from lpi.continual.heatmap import draw_heatmap
+from lpi.continual.methods import method_spec, new_prompts
+from lpi.continual.run_state import RunError, json_safe, load_keys, load_state, load_task
 from lpi.prompts import PromptBank
-from lpi.run_state import RunError, json_safe, load_keys, load_state, load_task
-from lpi.training import method_spec, new_prompts
 
 log = logging.getLogger("lpi.evaluate")
 

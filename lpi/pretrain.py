@@ -1,8 +1,9 @@
 """`python -m lpi.pretrain`: train a small CLIP from scratch, the demo's frozen backbone.
 
 No pretrained CLIP weights can be had offline, so tests and the demo pretrain one on the
-synthetic captioned images (`python -m lpi.data.synthetic`). Real users skip this and point
-`lpi.train` at a real checkpoint. The result is one safetensors file with its architecture.
+synthetic captioned images (`python -m lpi.continual.data.synthetic`). Real users skip this
+and point `lpi.train` at a real checkpoint. The result is one safetensors file with its
+architecture.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lpi import losses
 from lpi.backbone import Backbone
 from lpi.checkpoint import save_backbone
 from lpi.config import load_preset
-from lpi.data.loader import make_loader
-from lpi.data.manifest import read_manifest, select
-from lpi.training import make_optimizer
+from lpi.continual import losses
+from lpi.continual.data.loader import make_loader
+from lpi.continual.data.manifest import read_manifest, select
+from lpi.continual.methods import make_optimizer
 
 log = logging.getLogger("lpi.pretrain")
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 100

@@ -16,16 +16,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lpi import losses
 from lpi.checkpoint import fingerprint, load_backbone
 from lpi.config import PromptConfig
-from lpi.data.loader import eval_set, make_loader
-from lpi.data.manifest import read_manifest, select
-from lpi.data.manifest import tasks as tasks_in_order
-from lpi.evaluation import evaluate_seen, make_test_set, summarise
-from lpi.prompts import PromptBank
-from lpi.routing import TaskKeys
-from lpi.run_state import (
+from lpi.continual import losses
+from lpi.continual.data.loader import eval_set, make_loader
+from lpi.continual.data.manifest import read_manifest, select
+from lpi.continual.data.manifest import tasks as tasks_in_order
+from lpi.continual.evaluation import evaluate_seen, make_test_set, summarise
+from lpi.continual.methods import (
+    METHODS,
+    describe_tasks,
+    make_optimizer,
+    method_spec,
+    new_prompts,
+    step_loss,
+)
+from lpi.continual.run_state import (
     RunConfig,
     RunError,
     RunState,
@@ -37,14 +43,8 @@ from lpi.run_state import (
     save_state,
     save_task,
 )
-from lpi.training import (
-    METHODS,
-    describe_tasks,
-    make_optimizer,
-    method_spec,
-    new_prompts,
-    step_loss,
-)
+from lpi.prompts import PromptBank
+from lpi.routing import TaskKeys
 
 log = logging.getLogger("lpi.train")
 

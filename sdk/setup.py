@@ -1,5 +1,5 @@
 """Stages the SDK's modules from the repository root and packages them: `clients` (without
-the load script, which needs numpy and PIL) and `server/schema.py` under an empty `server`."""
+the load script, which needs numpy and PIL) and `wire`, the wire schema (pydantic alone)."""
 
 import shutil
 from pathlib import Path
@@ -12,7 +12,8 @@ STAGE = HERE / "staged"
 SDK_FILES = [
     *(f"clients/{name}.py" for name in ("__init__", "__main__", "aio", "base", "cli", "errors")),
     "clients/sync.py",
-    "server/schema.py",
+    "wire/__init__.py",
+    "wire/schema.py",
 ]
 
 if (ROOT / "clients").is_dir():  # building from the repository, not from an sdist
@@ -20,6 +21,5 @@ if (ROOT / "clients").is_dir():  # building from the repository, not from an sdi
     for name in SDK_FILES:
         (STAGE / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(ROOT / name, STAGE / name)
-    (STAGE / "server" / "__init__.py").write_text('"""The wire schema of lpi-serve."""\n')
 
-setup(packages=["clients", "server"], package_dir={"": "staged"})
+setup(packages=["clients", "wire"], package_dir={"": "staged"})

@@ -18,7 +18,6 @@ import torch
 from fastapi import FastAPI
 
 import lpi
-from server import schema
 from server.batcher import Batcher
 from server.engine import build_engine
 from server.errors import install_error_handlers
@@ -29,6 +28,7 @@ from server.registry import TaskRegistry
 from server.routes import embed, health, tasks, vectors
 from server.service import Service
 from server.settings import Settings
+from wire import schema
 
 log = logging.getLogger("server.app")
 

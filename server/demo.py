@@ -4,7 +4,7 @@ A server started without a backbone serves this bundle, so `python -m server` wo
 a bare machine. The first call builds it from the repo's own pieces (about a minute on two CPU
 cores: `DemoSizes`), later calls reuse it:
 
-    1. `lpi.data.synthetic`: captioned images of drawn shapes, a pretraining split and tasks
+    1. `lpi.continual.data.synthetic`: captioned images of drawn shapes, pretraining split, tasks
     2. `lpi.pretrain`: the `tiny` preset trained contrastively on the pretraining split
     3. `lpi.train`: LPI prompts, one task after another, on the frozen backbone
     4. `export.tasks.export_run`: one checked artifact per task
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from lpi import atomic
-from lpi.data.synthetic import TASK_NAMES
+from lpi.continual.data.synthetic import TASK_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def _build_into(
     build: Path, name: str, tasks: int, sizes: DemoSizes, level: int, progress: bool
 ) -> dict:
     """Every file of a bundle under `build`, to be renamed `name`; returns the manifest."""
-    from lpi.data import synthetic
+    from lpi.continual.data import synthetic
 
     def listed(path: Path) -> str:  # the path relative to the root once renamed
         return f"{name}/{path.relative_to(build).as_posix()}"
@@ -280,7 +280,7 @@ def _build_into(
 
 def _pretrain(manifest: Path, out: Path, sizes: DemoSizes, device: str) -> Path:
     """`python -m lpi.pretrain` on the pretraining split."""
-    from lpi.data.manifest import read_manifest, select
+    from lpi.continual.data.manifest import read_manifest, select
     from lpi.pretrain import pretrain_preset
 
     records = select(read_manifest(manifest), split="train")
@@ -316,7 +316,7 @@ def _export(run: Path, backbone: Path, out: Path) -> dict[str, Path]:
 
 def _keep_test_images(manifest: Path, images: Path, tasks: list[str]) -> dict[str, list[dict]]:
     """Move each task's test images to images/TASK/; their entries, ids in manifest order."""
-    from lpi.data.manifest import read_manifest, select
+    from lpi.continual.data.manifest import read_manifest, select
 
     records = read_manifest(manifest)
     items = {}

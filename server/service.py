@@ -20,13 +20,13 @@ from contextlib import ExitStack
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
-from server import schema
 from server.batcher import Batcher
 from server.engine import Engine, Key
 from server.errors import ApiError
 from server.inputs import Limits, check_count, decode_base64, image_rows, text_rows
 from server.registry import TaskRegistry
 from server.store import VectorStore
+from wire import schema
 
 log = logging.getLogger("server.service")
 

@@ -63,7 +63,7 @@ def tiny_runs(tmp_path_factory):
     tests read exactly what users' runs write.
     """
     from lpi.checkpoint import save_backbone
-    from lpi.data import synthetic
+    from lpi.continual.data import synthetic
     from lpi.train import main as train_main
 
     root = tmp_path_factory.mktemp("tiny-runs")

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 import lpi
-from lpi.data import coco, fashion_mnist, loader, manifest, synthetic
-from lpi.data.manifest import ManifestError, Record
+from lpi.continual.data import coco, fashion_mnist, loader, manifest, synthetic
+from lpi.continual.data.manifest import ManifestError, Record
 
 # --- manifest ----------------------------------------------------------------------------------
 

@@ -20,8 +20,8 @@ from export.__main__ import main as export_main
 from export.artifact import tensors_digest
 from export.importer import import_dense
 from export.tasks import RunExportError, export_run
-from lpi.run_state import load_state, load_task
-from lpi.training import new_prompts
+from lpi.continual.methods import new_prompts
+from lpi.continual.run_state import load_state, load_task
 from tests.conftest import CAPTIONS, random_pixels
 
 TOLERANCE = 1e-5

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lpi import losses
+from lpi.continual import losses
 
 
 def _rand(generator, *shape):

@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 import lpi
+from lpi.continual.run_state import load_state, task_file
 from lpi.evaluate import main as evaluate_main
-from lpi.run_state import load_state, task_file
 from lpi.train import main as train_main
 
 

@@ -18,7 +18,7 @@ written atomically, and a PNG of latency over time with the swaps drawn as verti
     python -m clients.load --concurrency 1 8 32 --duration 10 \\
         --swap-interval 0.5 --swap-artifacts lpi/a.safetensors dense/a.safetensors
 
-The client imports only httpx, pydantic (via `server.schema`), numpy and PIL: it talks to the
+The client imports only httpx, pydantic (via `wire.schema`), numpy and PIL: it talks to the
 server over HTTP and knows nothing of the model.
 
 The package, one job a module, in the order a run uses them: config.py (`LoadConfig`),

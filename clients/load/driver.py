@@ -13,7 +13,7 @@ from clients.load.config import LoadConfig
 from clients.load.inputs import Request, Workload
 from clients.load.metrics import prometheus_sums
 from clients.load.records import Sample, Swap
-from server import schema
+from wire import schema
 
 MAX_RETRY_SLEEP_S = 1.0  # a worker told to retry later waits at most this long
 

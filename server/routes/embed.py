@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server import schema
 from server.errors import ApiError
 from server.inputs import decode_base64
 from server.routes.deps import json_body, require_api_key, service
+from wire import schema
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -77,9 +76,7 @@ async def _from_form(request: Request) -> tuple[str | None, list[str], list[byte
     limit = request.app.state.settings.max_items
     async with _form(request, limit) as form:
         task = form.get("task")
-        if task is not None and (
-            not isinstance(task, str) or not re.match(schema.TASK_PATTERN, task)
-        ):
+        if task is not None and not schema.is_task_name(task):
             raise ApiError(422, "invalid_request", "task: not a task name", "task")
         texts, images = [], []
         for text in form.getlist("texts"):

@@ -15,9 +15,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 
-from server import schema
 from server.errors import ApiError
 from server.routes.deps import json_body, require_admin_key, require_api_key
+from wire import schema
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 TaskPath = PathParam(pattern=schema.TASK_PATTERN)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from server import schema
 from server.routes.deps import require_api_key, service
+from wire import schema
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 ERRORS = {code: {"model": schema.ErrorBody} for code in (404, 409, 413, 422, 503)}

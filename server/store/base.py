@@ -20,6 +20,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from wire import schema
+
 Layout = Literal["collection-per-task", "tenant"]
 LAYOUTS: tuple[Layout, ...] = ("collection-per-task", "tenant")
 
@@ -31,7 +33,6 @@ RESERVED_KEYS = frozenset({TASK_KEY, VERSION_KEY, ID_KEY})
 
 # Task names as `export.task_id` makes them; versions as content hashes, or any short token.
 # Neither may hold "@", which separates them in collection names (see `collection_name`).
-TASK_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,127}")
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 PREFIX_RE = re.compile(r"[a-z][a-z0-9-]{0,15}")
 MAX_DIM = 65536  # Qdrant's limit on a dense vector's size
@@ -167,8 +168,8 @@ def catalog_id(*parts: str) -> str:
 
 
 def check_task(task: Any) -> str:
-    if not isinstance(task, str) or not TASK_RE.fullmatch(task):
-        raise InvalidInputError(f"task: {task!r} is not a task id ({TASK_RE.pattern})")
+    if not schema.is_task_name(task):
+        raise InvalidInputError(f"task: {task!r} is not a task id ({schema.TASK_PATTERN})")
     return task
 
 

@@ -13,9 +13,9 @@ sets never share an image.
 Captions are lower-cased, stripped of punctuation and cut to 30 words, as the notes say the
 public code's captions are (the punctuation set is BLIP's `pre_caption`, an assumption).
 
-    python -m lpi.data.coco coco --root COCO --out coco.jsonl
-    python -m lpi.data.coco karpathy --json dataset_flickr30k.json --images flickr30k-images \
-        --num-tasks 4 --out flickr.jsonl
+    python -m lpi.continual.data.coco coco --root COCO --out coco.jsonl
+    python -m lpi.continual.data.coco karpathy --json dataset_flickr30k.json \
+        --images flickr30k-images --num-tasks 4 --out flickr.jsonl
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from lpi.data.manifest import Record, group, tasks, write_manifest
+from lpi.continual.data.manifest import Record, group, tasks, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def _karpathy_main(args: argparse.Namespace) -> list[Record]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m lpi.data.coco", description=__doc__.split("\n")[0]
+        prog="python -m lpi.continual.data.coco", description=__doc__.split("\n")[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
     coco = commands.add_parser("coco", help="COCO 2017: train2017 -> train, val2017 -> test")

@@ -11,12 +11,14 @@ files in a multipart form. Vectors are unit-norm float lists; scores are cosine 
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 # Task names as `export.task_id` makes them (also the store's rule); "auto" routes by task keys.
 TASK_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,127}$"
+_TASK_RE = re.compile(TASK_PATTERN)
 AUTO = "auto"
 MAX_TOP_K = 1000
 MAX_ID_LENGTH = 128
@@ -27,6 +29,11 @@ Base64Image = Annotated[str, StringConstraints(min_length=1)]
 PayloadValue = str | int | float | bool | None
 # Filters are exact matches on payload keys (the store's rule: strings, integers, booleans).
 FilterValue = str | int | bool
+
+
+def is_task_name(value: object) -> bool:
+    """The one test of a task name (the whole string, so no trailing newline slips through)."""
+    return isinstance(value, str) and _TASK_RE.fullmatch(value) is not None
 
 
 class Model(BaseModel):

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lpi import losses
 from lpi.config import PromptConfig
+from lpi.continual import losses
 from lpi.prefix import Prefix, batch_prefix, task_prefix
 from lpi.prompts import DensePrompts, TaskPrompts
 from lpi.tokenizer import tokenize

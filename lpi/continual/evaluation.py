@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lpi import metrics
+from lpi.continual import recall as recall_metrics
 from lpi.prompts import PromptBank
 from lpi.routing import TaskKeys, routing_accuracy
 from lpi.tokenizer import tokenize
@@ -50,7 +50,7 @@ def encode(backbone, bank: PromptBank | None, data: Tensor, rows: list[str | Non
     return torch.cat(out)
 
 
-def _galleries(backbone, bank, sets, image_rows, text_rows) -> dict[str, metrics.Gallery]:
+def _galleries(backbone, bank, sets, image_rows, text_rows) -> dict[str, recall_metrics.Gallery]:
     return {
         task: (
             encode(backbone, bank, data.pixels, image_rows[task], image=True),
@@ -61,7 +61,7 @@ def _galleries(backbone, bank, sets, image_rows, text_rows) -> dict[str, metrics
     }
 
 
-def headline_r1(recall: metrics.Recall) -> float:
+def headline_r1(recall: recall_metrics.Recall) -> float:
     """The single number of tables and heatmaps: mean of image->text and text->image R@1."""
     return 0.5 * (recall["i2t"][1] + recall["t2i"][1])
 
@@ -72,7 +72,7 @@ def evaluate_seen(
     """Recall of every seen task, oracle and routed, per-task and union gallery."""
     oracle_image = {t: [t if bank else None] * len(d.pixels) for t, d in sets.items()}
     oracle_text = {t: [t if bank else None] * len(d.tokens) for t, d in sets.items()}
-    oracle = metrics.task_and_union_recall(
+    oracle = recall_metrics.task_and_union_recall(
         _galleries(backbone, bank, sets, oracle_image, oracle_text)
     )
     result = {"tasks": list(sets), "oracle": oracle, "routed": oracle, "routing_accuracy": None}
@@ -80,7 +80,7 @@ def evaluate_seen(
         routed_image, routed_text, result["routing_accuracy"] = _routes(backbone, keys, sets)
         if bank is not None:
             routed = _galleries(backbone, bank, sets, routed_image, routed_text)
-            result["routed"] = metrics.task_and_union_recall(routed)
+            result["routed"] = recall_metrics.task_and_union_recall(routed)
     result["r1"] = {
         mode: {t: headline_r1(result[mode][t]["task"]) for t in sets}
         for mode in ("oracle", "routed")
@@ -108,6 +108,6 @@ def _routes(backbone, keys: TaskKeys, sets: dict[str, TestSet]):
 def summarise(results: list[dict], mode: str = "oracle") -> dict:
     """Matrix of headline R@1 (row t: after task t), seen means, final mean, forgetting."""
     rows = [[result["r1"][mode][t] for t in result["tasks"]] for result in results]
-    summary = metrics.continual_summary(metrics.results_matrix(rows))
+    summary = recall_metrics.continual_summary(recall_metrics.results_matrix(rows))
     summary["matrix"] = rows
     return summary

@@ -22,7 +22,7 @@ Test images draw distinct attribute combinations (without replacement), so no tw
 of a task share a caption's meaning and recall@1 is well defined. Everything is a function of
 the seed.
 
-    python -m lpi.data.synthetic --out data/synthetic --tasks 4 --seed 0
+    python -m lpi.continual.data.synthetic --out data/synthetic --tasks 4 --seed 0
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from lpi import atomic
-from lpi.data.manifest import Record, write_manifest
+from lpi.continual.data.manifest import Record, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -596,7 +596,7 @@ def _summary(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m lpi.data.synthetic",
+        prog="python -m lpi.continual.data.synthetic",
         description="Write a synthetic continual retrieval dataset: PNGs and JSONL manifests.",
     )
     parser.add_argument("--out", required=True, help="output folder")

@@ -1,11 +1,11 @@
 """Data for continual retrieval: task-split manifests, readers, synthetic images, loaders.
 
-The readers (`lpi.data.coco`, `lpi.data.fashion_mnist`) and the synthetic generator
-(`lpi.data.synthetic`) are CLIs as well as modules, so they are imported by name rather than
-here (runpy warns about a module that its package has already imported).
+The readers (`lpi.continual.data.coco`, `lpi.continual.data.fashion_mnist`) and the synthetic
+generator (`lpi.continual.data.synthetic`) are CLIs as well as modules, so they are imported by
+name rather than here (runpy warns about a module that its package has already imported).
 """
 
-from lpi.data.loader import (
+from lpi.continual.data.loader import (
     Batch,
     CaptionDataset,
     CaptionSampler,
@@ -17,7 +17,7 @@ from lpi.data.loader import (
     load_pixels,
     make_loader,
 )
-from lpi.data.manifest import (
+from lpi.continual.data.manifest import (
     SPLITS,
     ManifestError,
     Record,

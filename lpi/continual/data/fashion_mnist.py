@@ -9,7 +9,7 @@ colours are synthetic. Tasks are groups of classes: tops, footwear, other.
 The IDX files are read from the package's install path (or --root); nothing is downloaded.
 
     sudo apt-get install dataset-fashion-mnist
-    python -m lpi.data.fashion_mnist --out data/fashion --seed 0
+    python -m lpi.continual.data.fashion_mnist --out data/fashion --seed 0
 """
 
 from __future__ import annotations
@@ -24,8 +24,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lpi.data.manifest import Record, write_manifest
-from lpi.data.synthetic import BACKGROUNDS, COLOURS, MIN_CONTRAST, unique_fraction, with_articles
+from lpi.continual.data.manifest import Record, write_manifest
+from lpi.continual.data.synthetic import (
+    BACKGROUNDS,
+    COLOURS,
+    MIN_CONTRAST,
+    unique_fraction,
+    with_articles,
+)
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +171,7 @@ def generate(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m lpi.data.fashion_mnist",
+        prog="python -m lpi.continual.data.fashion_mnist",
         description="Tinted Fashion-MNIST with captions: three class-group tasks.",
     )
     parser.add_argument("--out", required=True, help="output folder")

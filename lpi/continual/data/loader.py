@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from lpi.data.manifest import Record
+from lpi.continual.data.manifest import Record
 from lpi.preprocess import preprocess
 from lpi.tokenizer import tokenize
 

@@ -1,0 +1,7 @@
+"""The continual-learning pipeline around the model: data, pretraining, training one task after
+another, evaluation, recall metrics, losses and a run's state on disk.
+
+`lpi` itself is the model a server imports; nothing in `lpi` outside this subpackage imports
+it. The command lines are `python -m lpi.pretrain`, `python -m lpi.train` and
+`python -m lpi.evaluate`.
+"""
