@@ -3,6 +3,8 @@
 `LPI_ATTENTION_BACKEND` overrides the choice: `auto` (default), `triton` or `reference`.
 `triton` on CPU tensors means Triton's interpreter, which needs TRITON_INTERPRET=1 set before
 triton is first imported. Triton is imported here lazily, only when the kernel will run.
+`LPI_FP32_PRECISION` picks the kernel's float32 dots: `ieee` (default, exact) or `tf32x3`
+(three TF32 products, about fp32's error, fewer registers); half precision ignores it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from kernels import reference
 log = logging.getLogger(__name__)
 
 BACKEND_ENV = "LPI_ATTENTION_BACKEND"
+PRECISION_ENV = "LPI_FP32_PRECISION"
 Backend = Literal["triton", "reference"]
 CHOICES = ("auto", "triton", "reference")
 
@@ -63,7 +66,8 @@ def prefix_attention(
         return reference.prefix_attention(*args)
     from kernels import triton_prefix_attention
 
-    return triton_prefix_attention.prefix_attention(*args)
+    precision = os.environ.get(PRECISION_ENV, "ieee") if q.dtype == torch.float32 else "ieee"
+    return triton_prefix_attention.prefix_attention(*args, fp32_precision=precision)
 
 
 def _require_triton(device: torch.device, needs_grad: bool) -> None:

@@ -35,6 +35,7 @@ def prefix_attention(
 ) -> Tensor:
     """Gather each row's factors, materialise K_p and V_p, and run SDPA over [prefix; tokens]."""
     check_prefix_inputs(q, k, v, task_slot, U_K, M_K, U_V, M_V, key_padding_mask)
+    check_slots(task_slot, U_K.shape[0])
     heads = q.shape[1]
     index = task_slot.clamp(min=0).long()  # [B]; rows with slot -1 are masked out below
     prefix_k = materialise_prefix(U_K, M_K, index, heads)  # [B, H, N, d]
@@ -42,6 +43,17 @@ def prefix_attention(
     return attention_with_prefix(
         q, k, v, prefix_k, prefix_v, task_slot >= 0, causal, key_padding_mask
     )
+
+
+def check_slots(task_slot: Tensor, slots: int) -> None:
+    """Every slot in [-1, S): a host read (one sync on a GPU), so only the slow path pays it."""
+    if task_slot.numel() == 0:
+        return
+    low, high = int(task_slot.min()), int(task_slot.max())
+    if low < -1 or high >= slots:
+        raise ValueError(
+            f"task_slot holds slots {low}..{high}; slots must lie in [-1, {slots}) (-1 = none)"
+        )
 
 
 def materialise_prefix(U: Tensor, M: Tensor, index: Tensor, heads: int) -> Tensor:
@@ -167,6 +179,8 @@ def check_prefix_inputs(
             f"key_padding_mask must be bool [B={rows}, T={tokens}], "
             f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
         )
+    if key_padding_mask is not None and key_padding_mask.device != q.device:
+        raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
 
 
 def _check_pool(U_K: Tensor, M_K: Tensor, U_V: Tensor, M_V: Tensor, width: int) -> None:

@@ -2,50 +2,130 @@
 
     out[b] = softmax([q K_p^T , q k^T] / sqrt(d) + mask) @ [V_p ; v],   K_p = U_K[slot] @ M_K[slot]
 
-One program per (query block, row, head). The row's slot selects its factors; each prefix tile
-is rebuilt in registers (K_p^T tile = M^T tile @ U^T tile) and never touches global memory; an
-online softmax (FlashAttention) runs over the prefix, then over the token blocks. The prefix is
-always visible; causal and key-padding masks apply among tokens; slot -1 skips the prefix.
+A 1-D grid, one program per (row, head, query block): CUDA caps a grid's second axis at 65,535
+but its first at 2^31 - 1. The program first issues the loads of its head's M_K, M_V columns,
+then runs an online softmax (FlashAttention) over the token blocks, unmasked below the causal
+diagonal and masked on it; then over the prefix, each K_p / V_p tile rebuilt in registers from
+U tiles (never in global memory). The prefix is always visible; causal and key-padding masks
+apply among tokens; slot -1 skips the prefix and its loads. Row offsets are 64-bit, so a batch
+whose tensors pass 2^31 elements indexes correctly. The output is written as [B, T, H, d] and
+returned as a [B, H, T, d] view, so merging heads afterwards is a view, not a copy.
+
+Tiles (BLOCK_M, BLOCK_N), warps and pipeline stages are autotuned on a GPU once per (d, N, R',
+causal, dtype); under the interpreter (TRITON_INTERPRET=1) one small fixed tile runs instead.
 
 Dimensions: B rows, H heads, T tokens, d head size, N prefix tokens, R the pool's padded rank
-R', S pool slots. This module imports triton at the top: only `kernels.dispatch` imports it,
-and only when a GPU (or the interpreter, TRITON_INTERPRET=1) will run it.
+R', S pool slots. This module imports triton at the top: only `kernels.dispatch` (and the
+ahead-of-time check, `kernels.aot`) import it, and only when a GPU or the interpreter runs it.
 """
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.reference import check_prefix_inputs
+from kernels.reference import check_prefix_inputs, check_slots
 
 LOG2_E = 1.4426950408889634
 # tl.dot needs every block dimension >= 16 for fp16/bf16 on NVIDIA GPUs (>= 8 for fp32): rank,
 # prefix length and head size are padded up to this by masked loads.
 MIN_DOT = 16
-MAX_TOKEN_BLOCK = 64
+MAX_PREFIX_BLOCK = 64
+INT32_MAX = 2**31 - 1
+# fp32 inputs: "ieee" (exact fp32 dots, the default) or "tf32x3" (three TF32 dots, ~fp32 error).
+FP32_PRECISIONS = ("ieee", "tf32x3")
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+
+
+def tile_configs() -> list[triton.Config]:
+    """The autotuner's candidates: BLOCK_M 64/128, BLOCK_N 32/64, 4/8 warps, 2/3 stages."""
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m in (64, 128)
+        for n in (32, 64)
+        for w in (4, 8)
+        for s in (2, 3)
+    ]
+
+
+def candidate_tiles(
+    configs: list[triton.Config], tokens: int, dtype: torch.dtype, arch: int
+) -> list[triton.Config]:
+    """The configs that compile without spills, by rules the compile check measured: a query
+    block no taller than the padded T; 128 x 64 tiles need 8 warps (64 scores per thread at 4);
+    on sm_8x (64K registers shared by fewer, slower dot units) 4 warps only on 64 x 64 tiles;
+    fp32 (ieee dots take twice the registers) only 64-row tiles on 8 warps."""
+
+    def keep(c: triton.Config) -> bool:
+        block_m, block_n, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
+        if block_m > max(64, _pow2(tokens)):
+            return False
+        if dtype == torch.float32:
+            return block_m == 64 and warps == 8
+        if warps == 4 and block_m * block_n == 128 * 64:
+            return False
+        return not (arch < 90 and warps == 4 and (block_m, block_n) != (64, 64))
+
+    return [c for c in configs if keep(c)] or configs[:1]
+
+
+def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The autotuner's early prune: `candidate_tiles` for this launch's T, dtype and GPU."""
+    q = named_args["Q"]
+    major, minor = torch.cuda.get_device_capability(q.device)
+    return candidate_tiles(configs, named_args["T"], q.dtype, 10 * major + minor)
 
 
 @triton.jit
-def _dot(a, b, DOT_FP32: tl.constexpr):
+def _dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """a @ b, fp32 accumulation; DOT_FP32 upcasts first (the interpreter's bf16 dot is wrong)."""
     if DOT_FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
-def _softmax_step(acc, m_i, l_i, s, v, DOT_FP32: tl.constexpr):
+def _softmax_step(acc, m_i, l_i, s, v, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """Online-softmax update with scores s [BLOCK_M, K] (log2 units, -inf = hidden), v [K, D]."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32, PRECISION)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _token_blocks(
+    acc, m_i, l_i, q, k_row, v_row, mask_row, offs_m, offs_d, d_ok, lo, hi, T,
+    stride_kt, stride_vt, qk_scale,
+    DIAGONAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Keys lo..hi of this row and head; DIAGONAL applies the causal mask (keys <= query)."""
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < T
+        k_ptrs = k_row + offs_n[None, :] * stride_kt + offs_d[:, None]
+        k_t = tl.load(k_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [D, BLOCK_N]
+        v_ptrs = v_row + offs_n[:, None] * stride_vt + offs_d[None, :]
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D]
+        s = _dot(q, k_t, DOT_FP32, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        visible = n_ok[None, :]
+        if HAS_KEY_MASK:
+            real = tl.load(mask_row + offs_n, mask=n_ok, other=0)
+            visible = visible & (real != 0)[None, :]
+        if DIAGONAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, DOT_FP32, PRECISION)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -58,80 +138,92 @@ def _prefix_attention_kernel(
     stride_us, stride_un,
     stride_ms, stride_mr,
     stride_maskb,
-    H, T, N, R, HEAD_DIM, qk_scale,
+    H, T, N, R, S, HEAD_DIM, qk_scale,
     CAUSAL: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    m_blocks = tl.cdiv(T, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_bh = pid // m_blocks
+    pid_m = m_blocks - 1 - pid % m_blocks  # the longest causal blocks start first
+    b = (pid_bh // H).to(tl.int64)  # 64-bit: b * stride passes 2^31 in large batches
     h = pid_bh % H
     dtype = Q.dtype.element_ty
 
+    # The slot first, so the M loads below are in flight while the token loop runs.
+    slot = tl.load(Slot + b)
+    in_pool = (slot >= 0) & (slot < S)
+    outside = (slot < -1) | (slot >= S)  # never read: the row's output becomes NaN
+    slot = tl.where(in_pool, slot, 0).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
     d_ok = offs_d < HEAD_DIM
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < T) & d_ok[None, :], other=0.0)  # [BLOCK_M, D]
-
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-
-    # Prefix: this head's columns of M, then K_p / V_p tiles rebuilt from U tiles on chip.
-    slot = tl.load(Slot + b)
-    n_prefix = tl.where(slot >= 0, N, 0)  # slot -1: the loop below runs zero times
-    slot = tl.maximum(slot, 0)
+    r_ok = (offs_r < R) & in_pool  # padded ranks and slot -1 load zeros (no memory traffic)
     m_cols = slot * stride_ms + h * HEAD_DIM
-    r_ok = offs_r < R  # padded rank columns load as zeros and add nothing to U @ M
     mk_ptrs = MK + m_cols + offs_r[None, :] * stride_mr + offs_d[:, None]
     mk_t = tl.load(mk_ptrs, mask=d_ok[:, None] & r_ok[None, :], other=0.0)  # [D, BLOCK_R]
     mv_ptrs = MV + m_cols + offs_r[:, None] * stride_mr + offs_d[None, :]
     mv = tl.load(mv_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_R, D]
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < T) & d_ok[None, :], other=0.0)  # [BLOCK_M, D]
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # Tokens: blocks below the diagonal need no causal mask; the diagonal block does.
+    k_row = K + b * stride_kb + h * stride_kh
+    v_row = V + b * stride_vb + h * stride_vh
+    mask_row = KeyMask + b * stride_maskb
+    diagonal = T
+    if CAUSAL:
+        diagonal = pid_m * BLOCK_M  # BLOCK_M is a multiple of BLOCK_N
+    acc, m_i, l_i = _token_blocks(
+        acc, m_i, l_i, q, k_row, v_row, mask_row, offs_m, offs_d, d_ok, 0, diagonal, T,
+        stride_kt, stride_vt, qk_scale, False, HAS_KEY_MASK, DOT_FP32, PRECISION, BLOCK_N,
+    )  # fmt: skip
+    if CAUSAL:
+        hi = tl.minimum(T, (pid_m + 1) * BLOCK_M)
+        acc, m_i, l_i = _token_blocks(
+            acc, m_i, l_i, q, k_row, v_row, mask_row, offs_m, offs_d, d_ok, diagonal, hi, T,
+            stride_kt, stride_vt, qk_scale, True, HAS_KEY_MASK, DOT_FP32, PRECISION, BLOCK_N,
+        )  # fmt: skip
+
+    # Prefix: K_p^T / V_p tiles rebuilt from this slot's U tiles; slot -1 runs zero times.
+    n_prefix = tl.where(in_pool, N, 0)
     for p0 in range(0, n_prefix, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         p_ok = offs_p < N
         uk_ptrs = UK + slot * stride_us + offs_p[None, :] * stride_un + offs_r[:, None]
         uk_t = tl.load(uk_ptrs, mask=r_ok[:, None] & p_ok[None, :], other=0.0)  # [BLOCK_R, P]
-        kp_t = _dot(mk_t, uk_t, DOT_FP32).to(dtype)  # [D, BLOCK_P] = (U_K @ M_K)^T tile
-        s = _dot(q, kp_t, DOT_FP32) * qk_scale  # [BLOCK_M, BLOCK_P]
-        s = tl.where(p_ok[None, :], s, float("-inf"))
         uv_ptrs = UV + slot * stride_us + offs_p[:, None] * stride_un + offs_r[None, :]
         uv = tl.load(uv_ptrs, mask=p_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_P, R]
-        vp = _dot(uv, mv, DOT_FP32).to(dtype)  # [BLOCK_P, D] = U_V @ M_V tile
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, vp, DOT_FP32)
-
-    # Tokens: causal programs stop at their last query; padded keys get no weight.
-    hi = T
-    if CAUSAL:
-        hi = tl.minimum(T, (pid_m + 1) * BLOCK_M)
-    for n0 in range(0, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < T
-        k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None]
-        k_t = tl.load(k_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [D, BLOCK_N]
-        s = _dot(q, k_t, DOT_FP32) * qk_scale  # [BLOCK_M, BLOCK_N]
-        visible = n_ok[None, :]
-        if HAS_KEY_MASK:
-            real = tl.load(KeyMask + b * stride_maskb + offs_n, mask=n_ok, other=0)
-            visible = visible & (real != 0)[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
-        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D]
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, DOT_FP32)
+        kp_t = _dot(mk_t, uk_t, DOT_FP32, PRECISION).to(dtype)  # [D, P] = (U_K @ M_K)^T tile
+        vp = _dot(uv, mv, DOT_FP32, PRECISION).to(dtype)  # [BLOCK_P, D] = U_V @ M_V tile
+        s = _dot(q, kp_t, DOT_FP32, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_P]
+        s = tl.where(p_ok[None, :], s, float("-inf"))
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, vp, DOT_FP32, PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a query that saw no key gets zeros
+    out = tl.where(outside, float("nan"), out)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, out.to(dtype), mask=(offs_m[:, None] < T) & d_ok[None, :])
+
+
+_tuned_kernel = triton.autotune(
+    configs=tile_configs(),
+    key=["HEAD_DIM", "N", "R", "CAUSAL"],  # the autotuner adds every tensor argument's dtype
+    prune_configs_by={"early_config_prune": prune_configs},
+)(_prefix_attention_kernel)
+_best: dict[tuple, dict[str, Any]] = {}  # (d, N, R', causal, dtype, precision) -> tile config
 
 
 def prefix_attention(
@@ -145,57 +237,140 @@ def prefix_attention(
     M_V: Tensor,
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
+    *,
+    fp32_precision: str = "ieee",
 ) -> Tensor:
-    """Fused twin of `kernels.reference.prefix_attention`; returns [B, H, T, d] in q's dtype.
-
-    Slots are trusted (the pool hands them out): a slot >= S reads out of bounds.
-    """
-    check_prefix_inputs(q, k, v, task_slot, U_K, M_K, U_V, M_V, key_padding_mask)
-    _check_layout(q=q, k=k, v=v, task_slot=task_slot)
-    _check_layout(U_K=U_K, M_K=M_K, U_V=U_V, M_V=M_V, contiguous=True)
-    rows, heads, tokens, head_dim = q.shape
-    _, prefix_len, rank = U_K.shape
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, H, T, d]
-    key_mask = task_slot if key_padding_mask is None else _as_bytes(key_padding_mask)
-    blocks = block_sizes(tokens, prefix_len, rank, head_dim)
-    grid = (triton.cdiv(tokens, blocks["BLOCK_M"]), rows * heads)
-    _prefix_attention_kernel[grid](
-        q, k, v, out, task_slot, U_K, M_K, U_V, M_V, key_mask,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        *U_K.stride()[:2], *M_K.stride()[:2], key_mask.stride(0),
-        heads, tokens, prefix_len, rank, head_dim, head_dim**-0.5 * LOG2_E,
-        CAUSAL=causal,
-        HAS_KEY_MASK=key_padding_mask is not None,
-        DOT_FP32=not q.is_cuda and q.dtype == torch.bfloat16,
-        num_warps=8 if q.dtype == torch.float32 else 4,  # fp32 ieee dots spill at 4 warps
-        **blocks,
-    )  # fmt: skip
+    """Fused twin of `kernels.reference.prefix_attention`; [B, H, T, d] in q's dtype, stored
+    [B, T, H, d] (a transposed view). A slot outside [-1, S) gives its row NaN on a GPU (checked
+    on chip, no host sync) and ValueError for CPU slots; nothing is read out of bounds."""
+    args, meta = launch_args(
+        q, k, v, task_slot, U_K, M_K, U_V, M_V, causal, key_padding_mask, fp32_precision
+    )
+    out = args[3]
+    if INTERPRETING or not q.is_cuda:
+        _prefix_attention_kernel[(_programs(q, meta["BLOCK_M"]),)](*args, **meta)
+        return out
+    if q.device.index != torch.cuda.current_device():  # Triton launches on the current device
+        with torch.cuda.device(q.device):
+            _launch_tuned(q, args, meta)
+    else:
+        _launch_tuned(q, args, meta)
     return out
 
 
-def block_sizes(tokens: int, prefix_len: int, rank: int, head_dim: int) -> dict[str, int]:
-    """Power-of-two tiles, each at least MIN_DOT so every tl.dot is legal on a GPU."""
-    token_block = min(MAX_TOKEN_BLOCK, _pow2(tokens))
+def launch_args(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    task_slot: Tensor,
+    U_K: Tensor,
+    M_K: Tensor,
+    U_V: Tensor,
+    M_V: Tensor,
+    causal: bool,
+    key_padding_mask: Tensor | None,
+    fp32_precision: str = "ieee",
+) -> tuple[list, dict[str, Any]]:
+    """Check the inputs, allocate the output and return the kernel's positional arguments and
+    constexprs (tiles chosen by the autotuner on a GPU, fixed under the interpreter). The
+    ahead-of-time compile check builds exactly this variant."""
+    check_prefix_inputs(q, k, v, task_slot, U_K, M_K, U_V, M_V, key_padding_mask)
+    check_kernel_layout(q, k, v, task_slot, U_K, M_K, U_V, M_V)
+    if fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
+    rows, heads, tokens, head_dim = q.shape
+    slots, prefix_len, rank = U_K.shape
+    if not task_slot.is_cuda:
+        check_slots(task_slot, slots)  # free on the host; on a GPU the kernel checks on chip
+    out = q.new_empty(rows, tokens, heads, head_dim).transpose(1, 2)  # [B, H, T, d] view
+    key_mask = task_slot if key_padding_mask is None else _as_bytes(key_padding_mask)
+    args = [
+        q, k, v, out, task_slot, U_K, M_K, U_V, M_V, key_mask,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        *U_K.stride()[:2], *M_K.stride()[:2], key_mask.stride(0),
+        heads, tokens, prefix_len, rank, slots, head_dim, head_dim**-0.5 * LOG2_E,
+    ]  # fmt: skip
+    interpret_bf16 = INTERPRETING and q.dtype == torch.bfloat16
+    meta = {
+        "CAUSAL": causal,
+        "HAS_KEY_MASK": key_padding_mask is not None,
+        "DOT_FP32": interpret_bf16,
+        "PRECISION": fp32_precision if q.dtype == torch.float32 else "ieee",
+        **fixed_blocks(prefix_len, rank, head_dim),
+    }
+    if INTERPRETING or not q.is_cuda:
+        meta |= interpreter_tiles(tokens)
+    return args, meta
+
+
+def fixed_blocks(prefix_len: int, rank: int, head_dim: int) -> dict[str, int]:
+    """The tiles the shapes fix (not tuned): powers of two >= MIN_DOT, so every tl.dot is legal."""
     return {
-        "BLOCK_M": token_block,
-        "BLOCK_N": token_block,
-        "BLOCK_P": min(MAX_TOKEN_BLOCK, _pow2(prefix_len)),
+        "BLOCK_P": min(MAX_PREFIX_BLOCK, _pow2(prefix_len)),
         "BLOCK_R": _pow2(rank),
         "BLOCK_D": _pow2(head_dim),
     }
 
 
+def interpreter_tiles(tokens: int) -> dict[str, int]:
+    """One fixed tile under the interpreter: BLOCK_N half of BLOCK_M once T passes 32, so the
+    causal diagonal spans two key blocks as it does with the GPU's 128 x 64 tiles."""
+    block_m = min(64, _pow2(tokens))
+    return {"BLOCK_M": block_m, "BLOCK_N": max(MIN_DOT, block_m // 2)}
+
+
+def check_kernel_layout(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    task_slot: Tensor,
+    U_K: Tensor,
+    M_K: Tensor,
+    U_V: Tensor,
+    M_V: Tensor,
+) -> None:
+    """What the kernel indexes: stride 1 in the last dimension of q, k, v, a contiguous pool and
+    slot vector, a grid within 2^31 - 1 programs and one row's span within 32-bit offsets."""
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if tensor.stride(-1) != 1:
+            raise ValueError(f"{name} must have stride 1 in its last dimension: {tensor.stride()}")
+    pool = (("U_K", U_K), ("M_K", M_K), ("U_V", U_V), ("M_V", M_V), ("task_slot", task_slot))
+    for name, tensor in pool:
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name} must be contiguous; got strides {tensor.stride()}")
+    rows, heads, tokens, head_dim = q.shape
+    if rows * heads * triton.cdiv(tokens, 64) > INT32_MAX:
+        raise ValueError(f"batch too large for one launch: B*H={rows * heads} at T={tokens}")
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        span = (heads - 1) * tensor.stride(1) + (tokens - 1) * tensor.stride(2) + head_dim
+        if span > INT32_MAX:
+            raise ValueError(f"one row of {name} spans {span} elements, past 32-bit offsets")
+
+
+def _launch_tuned(q: Tensor, args: list, meta: dict[str, Any]) -> None:
+    """The first call per key runs Triton's autotuner; later calls launch its pick directly
+    (the autotuner's own per-call bookkeeping costs microseconds)."""
+    key = (args[-2], args[-5], args[-4], meta["CAUSAL"], q.dtype, meta["PRECISION"])
+    tiles = _best.get(key)
+    if tiles is None:
+        _tuned_kernel[lambda m: (_programs(q, m["BLOCK_M"]),)](*args, **meta)
+        config = _tuned_kernel.best_config
+        tiles = _best[key] = {
+            **config.kwargs,
+            "num_warps": config.num_warps,
+            "num_stages": config.num_stages,
+        }
+        return
+    _prefix_attention_kernel[(_programs(q, tiles["BLOCK_M"]),)](*args, **meta, **tiles)
+
+
+def _programs(q: Tensor, block_m: int) -> int:
+    rows, heads, tokens, _ = q.shape
+    return triton.cdiv(tokens, block_m) * rows * heads
+
+
 def _pow2(size: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(size))
-
-
-def _check_layout(contiguous: bool = False, **tensors: Tensor) -> None:
-    """The kernel indexes the last dimension with stride 1; the pool must be fully contiguous."""
-    for name, tensor in tensors.items():
-        ok = tensor.is_contiguous() if contiguous else tensor.stride(-1) == 1
-        if not ok:
-            need = "contiguous" if contiguous else "stride 1 in its last dimension"
-            raise ValueError(f"{name} must be {need}; got strides {tensor.stride()}")
 
 
 def _as_bytes(key_padding_mask: Tensor) -> Tensor:
