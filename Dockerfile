@@ -13,7 +13,16 @@
 # mount for /data must be writable by uid 10001.
 #
 # EXTRAS picks the project's extras: e.g. --build-arg EXTRAS=server,onnx (CPU onnxruntime, for
-# LPI_ENGINE=onnx) or server,edge; TORCH_INDEX the wheel index torch and torchvision come from.
+# LPI_ENGINE=onnx) or server,edge; TORCH_INDEX the wheel index torch comes from. Nothing at run
+# time needs torchvision, open_clip or timm (the CLIP tokenizer's vocabulary ships with lpi).
+#
+# Size: the cpu target installs what the README's CPU-only command installs (torch's CPU wheel,
+# then '.[server]'); that install measured 1.09 GB in a fresh virtual environment with torch
+# 2.13.0+cpu (benchmarks/install_size.py), so expect the image to be about that plus the
+# python:3.11-slim base. The image itself has not been built and measured: the machine this was
+# written on has no Docker engine. For scale, '.[server]' with the torch pip resolves by default
+# (there 2.14.1+cu130, a CUDA build) measured 5.87 GB the same way; the gpu target's cu126 build
+# was not measured.
 #
 # Needs BuildKit (Docker 23+): the source is bind-mounted for `pip install`, never copied into a
 # layer, so the image holds only the installed package.
@@ -52,12 +61,12 @@ ARG EXTRAS=server,onnx-gpu
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
-# torch and torchvision first, from TORCH_INDEX, then pinned while the project installs: open_clip
-# (the tokenizer) requires torchvision, and nothing may swap in another torch build.
+# torch first, from TORCH_INDEX, then pinned while the project installs, so that nothing swaps in
+# another torch build.
 RUN --mount=type=bind,target=/src,rw \
     --mount=type=cache,target=/root/.cache/pip \
-    pip install --index-url "${TORCH_INDEX}" torch torchvision \
-    && pip freeze | grep -iE '^(torch|torchvision)==' > /tmp/torch.txt \
+    pip install --index-url "${TORCH_INDEX}" torch \
+    && pip freeze | grep -iE '^torch==' > /tmp/torch.txt \
     && pip install --constraint /tmp/torch.txt "/src[${EXTRAS}]" \
     && rm /tmp/torch.txt
 ENV LPI_DEVICE=cuda \
@@ -67,14 +76,15 @@ USER lpi
 WORKDIR /home/lpi
 
 
-# CPU, the default target (last in the file): the CPU torch wheels, not PyPI's CUDA builds (GBs).
+# CPU, the default target (last in the file): torch's CPU-only wheel, not PyPI's CUDA build (GBs),
+# installed first so that the project's torch requirement is already met (the README's CPU path).
 FROM base AS cpu
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG EXTRAS=server
 RUN --mount=type=bind,target=/src,rw \
     --mount=type=cache,target=/root/.cache/pip \
-    pip install --index-url "${TORCH_INDEX}" torch torchvision \
-    && pip freeze | grep -iE '^(torch|torchvision)==' > /tmp/torch.txt \
+    pip install --index-url "${TORCH_INDEX}" torch \
+    && pip freeze | grep -iE '^torch==' > /tmp/torch.txt \
     && pip install --constraint /tmp/torch.txt "/src[${EXTRAS}]" \
     && rm /tmp/torch.txt
 USER lpi
