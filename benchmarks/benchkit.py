@@ -34,11 +34,15 @@ def time_calls(fns: dict[str, Callable], repeats: int, min_seconds: float) -> di
 def table(columns: list[tuple[str, str]], rows: list[dict]) -> str:
     """Right-aligned text table; `columns` pairs a row key with its format ("-" for None)."""
     cells = [[name for name, _ in columns]]
-    cells += [[fmt.format(row[name]) if row[name] is not None else "-" for name, fmt in columns]
-              for row in rows]  # fmt: skip
+    cells += [
+        [fmt.format(row[name]) if row[name] is not None else "-" for name, fmt in columns]
+        for row in rows
+    ]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))
-             for line in cells]  # fmt: skip
+    lines = [
+        "  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))
+        for line in cells
+    ]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 

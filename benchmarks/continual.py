@@ -1,4 +1,4 @@
-"""The synthetic continual benchmark: every method of spec section 5 on the same data and backbone.
+"""The synthetic continual benchmark: every method of METHOD.md §5 on the same data and backbone.
 
 One command makes the README's table: it generates the synthetic captioned images (if absent),
 pretrains a small CLIP (`--preset`) on the pretraining split (if absent), trains and evaluates

@@ -1,4 +1,4 @@
-"""Prefix-attention speed for mixed-task batches (spec LPI.md section 7).
+"""Prefix-attention speed for mixed-task batches (METHOD.md §7).
 
 On a GPU, for ViT-B/16 image shapes (T=197) and text shapes (T=77, causal), in fp16 and bf16,
 eager and replayed from a CUDA graph, it times three ways to compute one layer's attention for a
@@ -260,20 +260,23 @@ def compile_table() -> list[dict]:
         first = found[0]
         rows.append(
             {
-                "arch": f"sm_{arch}", "dtype": dtype if dtype != "fp32" else f"fp32/{precision}",
-                "tower": tower, "configs": len(found),
+                "arch": f"sm_{arch}",
+                "dtype": dtype if dtype != "fp32" else f"fp32/{precision}",
+                "tower": tower,
+                "configs": len(found),
                 "first": f"{first['block_m']}x{first['block_n']}/{first['warps']}w/"
                 f"{first['stages']}s",
                 "registers": first["registers"],
                 "spills": f"{first['spill_stores']}/{first['spill_loads']}",
-                "shared_kb": first["shared_bytes"] / 1024, "blocks_per_sm": first["blocks_per_sm"],
+                "shared_kb": first["shared_bytes"] / 1024,
+                "blocks_per_sm": first["blocks_per_sm"],
                 "registers_range": f"{min(v['registers'] for v in found)}-"
                 f"{max(v['registers'] for v in found)}",
                 "max_spill_bytes": max(v["spill_stores"] + v["spill_loads"] for v in found),
                 "blocks_range": f"{min(v['blocks_per_sm'] for v in found)}-"
                 f"{max(v['blocks_per_sm'] for v in found)}",
             }
-        )  # fmt: skip
+        )
     return rows
 
 
@@ -294,25 +297,50 @@ def add_cpu_ratios(rows: list[dict]) -> None:
 
 COLUMNS = {
     "cuda": [
-        ("dtype", "{}"), ("tower", "{}"), ("T", "{}"), ("B", "{}"), ("R", "{}"), ("tasks", "{}"),
-        ("ms_fused_eager", "{:.3f}"), ("ms_ideal_eager", "{:.3f}"),
-        ("ms_reference_eager", "{:.3f}"), ("ms_fused_graph", "{:.3f}"),
-        ("ms_ideal_graph", "{:.3f}"), ("ms_reference_graph", "{:.3f}"),
-        ("ideal_over_fused_eager", "{:.2f}"), ("reference_over_fused_eager", "{:.2f}"),
-        ("ideal_over_fused_graph", "{:.2f}"), ("reference_over_fused_graph", "{:.2f}"),
-        ("tflops_fused_graph", "{:.0f}"), ("max_abs_diff", "{:.1e}"),
+        ("dtype", "{}"),
+        ("tower", "{}"),
+        ("T", "{}"),
+        ("B", "{}"),
+        ("R", "{}"),
+        ("tasks", "{}"),
+        ("ms_fused_eager", "{:.3f}"),
+        ("ms_ideal_eager", "{:.3f}"),
+        ("ms_reference_eager", "{:.3f}"),
+        ("ms_fused_graph", "{:.3f}"),
+        ("ms_ideal_graph", "{:.3f}"),
+        ("ms_reference_graph", "{:.3f}"),
+        ("ideal_over_fused_eager", "{:.2f}"),
+        ("reference_over_fused_eager", "{:.2f}"),
+        ("ideal_over_fused_graph", "{:.2f}"),
+        ("reference_over_fused_graph", "{:.2f}"),
+        ("tflops_fused_graph", "{:.0f}"),
+        ("max_abs_diff", "{:.1e}"),
     ],
     "compile": [
-        ("arch", "{}"), ("dtype", "{}"), ("tower", "{}"), ("configs", "{}"), ("first", "{}"),
-        ("registers", "{}"), ("spills", "{}"), ("shared_kb", "{:.0f}"),
-        ("blocks_per_sm", "{}"), ("registers_range", "{}"), ("max_spill_bytes", "{}"),
+        ("arch", "{}"),
+        ("dtype", "{}"),
+        ("tower", "{}"),
+        ("configs", "{}"),
+        ("first", "{}"),
+        ("registers", "{}"),
+        ("spills", "{}"),
+        ("shared_kb", "{:.0f}"),
+        ("blocks_per_sm", "{}"),
+        ("registers_range", "{}"),
+        ("max_spill_bytes", "{}"),
         ("blocks_range", "{}"),
     ],
     "cpu": [
-        ("tower", "{}"), ("T", "{}"), ("B", "{}"), ("R", "{}"), ("tasks", "{}"),
-        ("ms_reference", "{:.2f}"), ("gflops_reference", "{:.1f}"), ("over_single_task", "{:.3f}"),
+        ("tower", "{}"),
+        ("T", "{}"),
+        ("B", "{}"),
+        ("R", "{}"),
+        ("tasks", "{}"),
+        ("ms_reference", "{:.2f}"),
+        ("gflops_reference", "{:.1f}"),
+        ("over_single_task", "{:.3f}"),
     ],
-}  # fmt: skip
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,13 +1,15 @@
-"""onnxruntime vs torch on this CPU: the exported towers against the backbone they came from.
+"""onnxruntime vs torch on this CPU: the exported towers (float32 and int8) against the backbone.
 
-Random weights (nothing is downloaded). Each preset is exported once (float32, J = min(9,
-depth), N = 16) into a temporary folder, then both runtimes are timed side by side in one run,
+Random weights (nothing is downloaded). Each preset is exported once (J = min(9, depth),
+N = 16; float32 by the TorchScript exporter and its dynamic int8 quantisation, each checked
+at export) into a temporary folder, then every runtime is timed side by side in one run,
 round-robin, with the same thread count, on the same inputs: no task (onnxruntime gets zero
 prefixes with every row's flag off, torch gets prefix=None) and one task (the same prefix keys
-and values for both). Texts are padded to the batch's longest, as the serving engine sends them.
-Inputs are prepared before timing; the timed call is the forward pass alone.
+and values for all). Texts are padded to the batch's longest, as the serving engine sends them.
+Inputs are prepared before timing; the timed call is the forward pass alone. Each row reports
+the worst per-row cosine of each graph against torch float32 and the core's matmul floor.
 
-    python benchmarks/onnx_runtime.py --presets tiny ViT-B-16 --batches 1 8
+    python benchmarks/onnx_runtime.py --presets tiny ViT-B-32 ViT-B-16 --batches 1 8 --threads 1
 """
 
 from __future__ import annotations
@@ -15,17 +17,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from benchkit import time_calls, write_json
+from floor import machine_info as floor_machine_info
 
 import lpi
-from export.onnx_export import OnnxTowers, export_towers
+from export.onnx_export import export_towers
+from export.onnx_runtime import OnnxTowers
 
 CAPTIONS = [
     "a photo of a red car parked on the street",
@@ -34,12 +38,13 @@ CAPTIONS = [
     "a man riding a wave on top of a surfboard",
 ]
 MODES = ("none", "one task")
+RUNTIMES = ("torch", "onnx", "onnx int8")  # torch float32, onnxruntime float32 and int8
 TOKENS = 16
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--presets", nargs="+", default=["tiny", "ViT-B-16"])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "ViT-B-32", "ViT-B-16"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per cell (median)")
     parser.add_argument(
@@ -51,8 +56,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--threads",
         type=int,
-        default=torch.get_num_threads(),
-        help="intra-op threads for both runtimes (default: torch's)",
+        default=1,
+        help="intra-op threads for every runtime (default 1)",
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/onnx_runtime.json"))
     return parser.parse_args()
@@ -70,11 +75,18 @@ def bench_preset(name: str, args: argparse.Namespace, work: Path) -> list[dict]:
     backbone = lpi.load_backbone(name)
     layers = min(9, backbone.config.vision.layers, backbone.config.text.layers)
     start = time.perf_counter()
-    export_towers(backbone, work / name, layers, TOKENS, fp16=False)
+    export_towers(backbone, work / name, layers, TOKENS, fp16=False, quantize="int8")
     print(f"{name}: exported and checked in {time.perf_counter() - start:.0f} s", flush=True)
-    towers = OnnxTowers(
-        work / name, backbone=backbone, providers=["CPUExecutionProvider"], threads=args.threads
-    )
+    towers = {
+        runtime: OnnxTowers(
+            work / name,
+            backbone=backbone,
+            providers=["CPUExecutionProvider"],
+            threads=args.threads,
+            precision=precision,
+        )
+        for runtime, precision in (("onnx", "float32"), ("onnx int8", "int8"))
+    }
     print(HEADER, flush=True)
     size = backbone.config.vision.image_size
     rows = []
@@ -87,52 +99,70 @@ def bench_preset(name: str, args: argparse.Namespace, work: Path) -> list[dict]:
             prefixes = one_task_prefixes(backbone, layers, batch)
             for modality, data in (("image", pixels), ("text", tokens)):
                 fns = cells(backbone, towers, modality, data, prefixes[modality == "text"])
+                outputs = {cell: torch.as_tensor(fn()) for cell, fn in fns.items()}
                 seconds = time_calls(fns, args.repeats, args.min_seconds)
-                rows.append(summarise(name, modality, batch, seconds))
+                rows.append(summarise(name, modality, batch, seconds, outputs))
                 print_row(rows[-1])
     return rows
 
 
-def cells(backbone, towers: OnnxTowers, modality: str, data: torch.Tensor, prefix) -> dict:
+def cells(backbone, towers: dict, modality: str, data: torch.Tensor, prefix) -> dict:
     """torch and onnxruntime calls on the same prepared inputs (numpy for onnxruntime)."""
     encode = backbone.encode_image if modality == "image" else backbone.encode_text
-    run = towers.encode_image if modality == "image" else towers.encode_text
     array = data.numpy()
     keys, values = prefix.keys.numpy(), prefix.values.numpy()
-    return {
+    fns = {
         "torch none": partial(encode, data, None),
-        "onnx none": partial(run, array),
         "torch one task": partial(encode, data, prefix),
-        "onnx one task": partial(run, array, keys, values),
     }
+    for runtime, tower in towers.items():
+        run = tower.encode_image if modality == "image" else tower.encode_text
+        fns[f"{runtime} none"] = partial(run, array)
+        fns[f"{runtime} one task"] = partial(run, array, keys, values)
+    return fns
 
 
-def summarise(preset: str, modality: str, batch: int, seconds: dict[str, float]) -> dict:
+def summarise(preset, modality, batch, seconds: dict, outputs: dict) -> dict:
     return {
         "preset": preset,
         "modality": modality,
         "batch": batch,
         "seconds": seconds,
         "items_per_s": {k: batch / v for k, v in seconds.items()},
-        "onnx_speedup": {  # onnxruntime items/s over torch items/s: > 1 is onnxruntime faster
-            mode: seconds[f"torch {mode}"] / seconds[f"onnx {mode}"] for mode in MODES
+        "speedup_over_torch": {  # items/s over torch float32's, same mode: > 1 is faster
+            f"{runtime} {mode}": seconds[f"torch {mode}"] / seconds[f"{runtime} {mode}"]
+            for runtime in RUNTIMES
+            for mode in MODES
+        },
+        "prompted_over_bare": {  # time ratio: 1 = a task costs nothing
+            runtime: seconds[f"{runtime} one task"] / seconds[f"{runtime} none"]
+            for runtime in RUNTIMES
+        },
+        "min_cosine_vs_torch": {
+            cell: float(F.cosine_similarity(out, outputs[_torch_cell(cell)]).min())
+            for cell, out in outputs.items()
         },
     }
 
 
+def _torch_cell(cell: str) -> str:
+    return "torch one task" if cell.endswith("one task") else "torch none"
+
+
 HEADER = (
-    f"{'preset':<9} {'mod':<5} {'B':>3} | {'torch none':>10} {'onnx none':>10} {'onnx/torch':>10} "
-    f"| {'torch 1task':>11} {'onnx 1task':>10} {'onnx/torch':>10}"
+    f"{'preset':<9} {'mod':<5} {'B':>3} | {'torch/s':>8} {'onnx/s':>8} {'int8/s':>8} | "
+    f"{'onnx/t':>6} {'int8/t':>6} {'int8 cos':>8} | {'1task/bare t,onnx,int8':>22}"
 )
 
 
 def print_row(row: dict) -> None:
-    ips, speedup = row["items_per_s"], row["onnx_speedup"]
+    ips, up, ratio = row["items_per_s"], row["speedup_over_torch"], row["prompted_over_bare"]
+    cosine = min(v for k, v in row["min_cosine_vs_torch"].items() if k.startswith("onnx int8"))
     print(
         f"{row['preset']:<9} {row['modality']:<5} {row['batch']:>3} | "
-        f"{ips['torch none']:>10.1f} {ips['onnx none']:>10.1f} {speedup['none']:>10.2f} | "
-        f"{ips['torch one task']:>11.1f} {ips['onnx one task']:>10.1f} "
-        f"{speedup['one task']:>10.2f}",
+        f"{ips['torch none']:>8.2f} {ips['onnx none']:>8.2f} {ips['onnx int8 none']:>8.2f} | "
+        f"{up['onnx none']:>6.2f} {up['onnx int8 none']:>6.2f} {cosine:>8.5f} | "
+        + " ".join(f"{ratio[r]:>6.3f}" for r in RUNTIMES),
         flush=True,
     )
 
@@ -140,15 +170,7 @@ def print_row(row: dict) -> None:
 def machine_info(threads: int) -> dict:
     import onnxruntime
 
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "threads": threads,
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "load_average_at_start": os.getloadavg(),
-    }
+    return {**floor_machine_info(threads), "onnxruntime": onnxruntime.__version__}
 
 
 def main() -> None:
@@ -157,7 +179,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     machine = machine_info(args.threads)
     print(f"machine: {machine}")
-    print("items/s per runtime; onnx/torch = onnxruntime's items/s over torch's (>1: faster)")
+    print(
+        "items/s with no task; onnx/t, int8/t: over torch float32's items/s (>1: faster); int8 "
+        "cos: worst per-row cosine against torch float32; 1task/bare: prompted time over bare"
+    )
     with tempfile.TemporaryDirectory(prefix="lpi-onnx-bench-") as work:
         rows = [row for name in args.presets for row in bench_preset(name, args, Path(work))]
     machine["load_average_at_end"] = os.getloadavg()

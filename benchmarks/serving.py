@@ -1,10 +1,10 @@
-"""The server under load: /embed throughput and latency, batching, and task swaps (issue 6).
+"""The server under load: /embed throughput and latency, batching, and task swaps.
 
 For each backbone (the tiny preset, and the ViT-B/16 preset with random weights of the real
 shape) the script writes the backbone and two random prompt versions of one task "bench" to a
 temp folder (random prompts folded and exported, no training), starts `python -m server` on a
-free loopback port in a subprocess (its own process: the client never shares its GIL), and
-drives it with `clients.load`:
+free loopback port in a subprocess (`server.testing.ServerProcess`: its own process, so the
+client never shares its GIL), and drives it with `clients.load`:
 
 1. text /embed, one text per request, at concurrency 1, 8, 32 for a fixed time each;
 2. the raw batched model in this process, after the server has stopped: the server's engine
@@ -21,31 +21,21 @@ same p95 budget; served >= 0.8x the raw model's rows/s at the batch size the ser
 (highest concurrency); swap p95 < 50 ms with no failed request. Absolute numbers belong to
 the machine in the JSON, with its load average: other work on the machine slows both sides.
 
-    python benchmarks/server.py --backbones tiny ViT-B-16
+    python benchmarks/serving.py --backbones tiny ViT-B-16
 """
 
-# ruff: noqa: E402
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-# Run as `python benchmarks/server.py`, this folder comes first on sys.path and this file would
-# shadow the `server` package: the repository root goes first (benchkit is still found here).
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import argparse
 import asyncio
 import logging
 import os
 import platform
-import socket
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import httpx
 import torch
@@ -55,15 +45,16 @@ import lpi
 from clients import load
 from export.artifact import write_artifact
 from server.engine import TorchEngine
+from server.testing import ServerProcess
 
-log = logging.getLogger("benchmarks.server")
+log = logging.getLogger("benchmarks.serving")
+ROOT = Path(__file__).resolve().parents[1]
 
 TASK = "bench"
 VERSIONS = ("bench-a.safetensors", "bench-b.safetensors")
 MAX_BATCH = 32  # the server's default max_batch_size, passed explicitly
 SWAP_INTERVAL_S = 0.5
 SWAP_CONCURRENCY = 8
-START_TIMEOUT_S = 180.0
 
 
 @dataclass(frozen=True)
@@ -85,17 +76,41 @@ PLANS = {
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backbones", nargs="+", default=list(PLANS), choices=list(PLANS))
-    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
-    parser.add_argument("--seconds", type=float, help="seconds per level (default per backbone)")
-    parser.add_argument("--swap-seconds", type=float, help="seconds of the swap phase")
-    parser.add_argument("--p95-budget-ms", type=float, help="p95 budget (default per backbone)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument(
-        "--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-        help="model threads, server and raw alike (default: half the cores)",
-    )  # fmt: skip
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/server.json")
+        "--backbones",
+        nargs="+",
+        default=list(PLANS),
+        choices=list(PLANS),
+        help="backbone presets, random weights",
+    )
+    parser.add_argument(
+        "--concurrency",
+        nargs="+",
+        type=int,
+        default=[1, 8, 32],
+        help="closed-loop concurrency levels of the sweep",
+    )
+    parser.add_argument(
+        "--seconds", type=float, help="seconds per level; unset: the backbone's plan"
+    )
+    parser.add_argument(
+        "--swap-seconds", type=float, help="swap phase seconds; unset: the backbone's plan"
+    )
+    parser.add_argument(
+        "--p95-budget-ms", type=float, help="p95 budget; unset: the backbone's plan"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        help="model threads, server and raw alike (half the cores)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks/results/serving.json", help="the JSON report"
+    )
     return parser.parse_args()
 
 
@@ -124,86 +139,61 @@ def prepare(name: str, folder: Path) -> tuple[lpi.Backbone, Path, Path]:
     return backbone, path, inbox
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m server` on loopback in a subprocess; stopped (SIGTERM, then kill) on exit."""
-
-    def __init__(self, backbone: Path, inbox: Path, folder: Path, threads: int) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = folder / "server.log"
-        self.command = [
-            sys.executable, "-m", "server", "--backbone", str(backbone),
-            "--data-dir", str(folder / "data"), "--artifact-dir", str(inbox),
-            "--store", "memory", "--port", str(self.port), "--threads", str(threads),
-            "--max-batch-size", str(MAX_BATCH), "--log-level", "warning",
-        ]  # fmt: skip
-        threads_env = {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-        self.env = {**os.environ, **threads_env}
-
-    def __enter__(self) -> ServerProcess:
-        self.log_file = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            self.command, cwd=ROOT, env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT
-        )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited at start: {self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2, trust_env=False).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"the server was not ready in {START_TIMEOUT_S} s: {self.log_tail()}")
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log_file.close()
-
-    def log_tail(self, lines: int = 20) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+def start_server(backbone: Path, inbox: Path, folder: Path, threads: int) -> ServerProcess:
+    """The server on the in-memory store, `threads` torch and OpenMP threads, log in `folder`."""
+    args = [
+        "--backbone",
+        str(backbone),
+        "--data-dir",
+        str(folder / "data"),
+        "--artifact-dir",
+        str(inbox),
+        "--store",
+        "memory",
+        "--threads",
+        str(threads),
+        "--max-batch-size",
+        str(MAX_BATCH),
+        "--log-level",
+        "warning",
+    ]
+    threads_env = {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    return ServerProcess(args, log_path=folder / "server.log", env=threads_env)
 
 
 # -- measurements -------------------------------------------------------------------------------
 
 
 def load_config(url: str, **kwargs) -> load.LoadConfig:
-    return load.LoadConfig(url=url, modality="text", tasks=(TASK,), items_per_request=1,
-                           weights={"embed": 1.0}, timeout_s=120.0, **kwargs)  # fmt: skip
+    return load.LoadConfig(
+        url=url,
+        modality="text",
+        tasks=(TASK,),
+        items_per_request=1,
+        weights={"embed": 1.0},
+        timeout_s=120.0,
+        **kwargs,
+    )
 
 
 def measure_served(url: str, args: argparse.Namespace, plan: Plan) -> tuple[dict, dict]:
     """The concurrency sweep, then the swap phase; both as `clients.load` reports."""
     response = httpx.put(f"{url}/tasks/{TASK}", json={"path": VERSIONS[0]}, trust_env=False)
     response.raise_for_status()
-    sweep = load_config(url, concurrency=tuple(args.concurrency),
-                        duration_s=args.seconds or plan.seconds)  # fmt: skip
+    sweep = load_config(
+        url, concurrency=tuple(args.concurrency), duration_s=args.seconds or plan.seconds
+    )
     swaps = load_config(
-        url, concurrency=(SWAP_CONCURRENCY,), duration_s=args.swap_seconds or plan.swap_seconds,
-        swap_interval_s=SWAP_INTERVAL_S, swap_artifacts=(VERSIONS[1], VERSIONS[0]),
-    )  # fmt: skip
-    return (load.summarise(asyncio.run(load.run(sweep))),
-            load.summarise(asyncio.run(load.run(swaps))))  # fmt: skip
+        url,
+        concurrency=(SWAP_CONCURRENCY,),
+        duration_s=args.swap_seconds or plan.swap_seconds,
+        swap_interval_s=SWAP_INTERVAL_S,
+        swap_artifacts=(VERSIONS[1], VERSIONS[0]),
+    )
+    return (
+        load.summarise(asyncio.run(load.run(sweep))),
+        load.summarise(asyncio.run(load.run(swaps))),
+    )
 
 
 def measure_raw(backbone: lpi.Backbone, inbox: Path, batches: list[int]) -> dict:
@@ -220,14 +210,22 @@ def measure_raw(backbone: lpi.Backbone, inbox: Path, batches: list[int]) -> dict
         tokens = lpi.tokenize([captions[i % len(captions)] for i in range(batch)])  # [B, 77]
         tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]  # padded as the batcher pads
         with torch.inference_mode():
-            seconds = time_calls({
-                "engine": partial(engine.encode, "text", tokens, [key] * batch),
-                "bare": partial(backbone.encode_text, tokens),
-            }, repeats=5, min_seconds=0.5)  # fmt: skip
+            seconds = time_calls(
+                {
+                    "engine": partial(engine.encode, "text", tokens, [key] * batch),
+                    "bare": partial(backbone.encode_text, tokens),
+                },
+                repeats=5,
+                min_seconds=0.5,
+            )
         for kind, value in seconds.items():
             out[kind][batch] = batch / value
-        log.info("raw batch %d: engine %.1f rows/s, bare %.1f rows/s", batch,
-                 out["engine"][batch], out["bare"][batch])  # fmt: skip
+        log.info(
+            "raw batch %d: engine %.1f rows/s, bare %.1f rows/s",
+            batch,
+            out["engine"][batch],
+            out["bare"][batch],
+        )
     return out
 
 
@@ -254,23 +252,32 @@ def goals(sweep: dict, swaps: dict, raw: dict, budget_ms: float) -> dict:
     failed = sum(phase["errors"].values()) + phase["swaps"]["failed"]
     return {
         "batching": {
-            "value": speedup, "target": ">= 3x concurrency-1 throughput within the p95 budget",
-            "p95_budget_ms": budget_ms, "best_concurrency": best and best["concurrency"],
+            "value": speedup,
+            "target": ">= 3x concurrency-1 throughput within the p95 budget",
+            "p95_budget_ms": budget_ms,
+            "best_concurrency": best and best["concurrency"],
             "raw_ceiling": engine[allowed_batch(top)] / engine[1],
             "met": speedup >= 3,
         },
         "served_over_raw": {
-            "value": served_over_raw, "target": ">= 0.8x raw engine rows/s, same batch",
-            "concurrency": top["concurrency"], "raw_batch": formed_batch(top),
+            "value": served_over_raw,
+            "target": ">= 0.8x raw engine rows/s, same batch",
+            "concurrency": top["concurrency"],
+            "raw_batch": formed_batch(top),
             "at_allowed_batch": top["items_per_s"] / engine[allowed_batch(top)],
             "met": served_over_raw >= 0.8,
         },
         "swap": {
-            "value": swap_p95, "failed": failed, "swaps": phase["swaps"]["count"],
-            "target": "p95 < 50 ms, no failed request", "met": swap_p95 is not None
-            and swap_p95 < 50 and failed == 0 and phase["swaps"]["count"] > 0,
+            "value": swap_p95,
+            "failed": failed,
+            "swaps": phase["swaps"]["count"],
+            "target": "p95 < 50 ms, no failed request",
+            "met": swap_p95 is not None
+            and swap_p95 < 50
+            and failed == 0
+            and phase["swaps"]["count"] > 0,
         },
-    }  # fmt: skip
+    }
 
 
 def bench_backbone(name: str, args: argparse.Namespace) -> dict:
@@ -281,7 +288,7 @@ def bench_backbone(name: str, args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         backbone, path, inbox = prepare(name, folder)
         log.info("%s: backbone and artifacts ready in %.1f s", name, time.perf_counter() - started)
-        with ServerProcess(path, inbox, folder, args.threads) as server:
+        with start_server(path, inbox, folder, args.threads) as server:
             log.info("%s: server ready on %s", name, server.url)
             sweep, swaps = measure_served(server.url, args, plan)
         torch.set_num_threads(args.threads)
@@ -311,48 +318,88 @@ def level_row(level: dict, raw: dict) -> dict:
     formed, allowed, engine = formed_batch(level), allowed_batch(level), raw["engine"]
     latency, server = level["latency_ms"], level["server"]
     return {
-        "concurrency": level["concurrency"], "requests": level["requests"],
-        "errors": sum(level["errors"].values()), "error_kinds": level["errors"],
-        "req_per_s": level["requests_per_s"], "items_per_s": level["items_per_s"],
-        "p50_ms": latency["p50"], "p95_ms": latency["p95"], "p99_ms": latency["p99"],
-        "mean_batch": server.get("mean_batch_rows"), "model_busy": server.get("model_busy"),
-        "raw_batch": formed, "raw_rows_per_s": engine[formed],
+        "concurrency": level["concurrency"],
+        "requests": level["requests"],
+        "errors": sum(level["errors"].values()),
+        "error_kinds": level["errors"],
+        "req_per_s": level["requests_per_s"],
+        "items_per_s": level["items_per_s"],
+        "p50_ms": latency["p50"],
+        "p95_ms": latency["p95"],
+        "p99_ms": latency["p99"],
+        "mean_batch": server.get("mean_batch_rows"),
+        "model_busy": server.get("model_busy"),
+        "raw_batch": formed,
+        "raw_rows_per_s": engine[formed],
         "served_over_raw": level["items_per_s"] / engine[formed],
-        "allowed_batch": allowed, "raw_allowed_rows_per_s": engine[allowed],
+        "allowed_batch": allowed,
+        "raw_allowed_rows_per_s": engine[allowed],
         "served_over_raw_allowed": level["items_per_s"] / engine[allowed],
         "bare_rows_per_s": raw["bare"][formed],
-    }  # fmt: skip
+    }
 
 
 def swap_row(level: dict) -> dict:
     swaps = level["swaps"]
     return {
-        "concurrency": level["concurrency"], "requests": level["requests"],
-        "errors": sum(level["errors"].values()), "error_kinds": level["errors"],
-        "req_per_s": level["requests_per_s"], "p95_ms": level["latency_ms"]["p95"],
-        "swaps": swaps["count"], "swaps_changed": swaps["changed"],
-        "swaps_failed": swaps["failed"], "swap_p50_ms": swaps["latency_ms"]["p50"],
-        "swap_p95_ms": swaps["latency_ms"]["p95"], "swap_max_ms": swaps["latency_ms"]["max"],
+        "concurrency": level["concurrency"],
+        "requests": level["requests"],
+        "errors": sum(level["errors"].values()),
+        "error_kinds": level["errors"],
+        "req_per_s": level["requests_per_s"],
+        "p95_ms": level["latency_ms"]["p95"],
+        "swaps": swaps["count"],
+        "swaps_changed": swaps["changed"],
+        "swaps_failed": swaps["failed"],
+        "swap_p50_ms": swaps["latency_ms"]["p50"],
+        "swap_p95_ms": swaps["latency_ms"]["p95"],
+        "swap_max_ms": swaps["latency_ms"]["max"],
         "failed_during_swaps": swaps["failed_requests_during_swaps"],
         "swap_server_ms": level["server"].get("swap_server_ms_mean"),
-    }  # fmt: skip
+    }
 
 
 LEVEL_COLUMNS = [
-    ("backbone", "{}"), ("concurrency", "{}"), ("requests", "{}"), ("errors", "{}"),
-    ("req_per_s", "{:.1f}"), ("p50_ms", "{:.1f}"), ("p95_ms", "{:.1f}"), ("p99_ms", "{:.1f}"),
-    ("mean_batch", "{:.1f}"), ("model_busy", "{:.0%}"), ("raw_batch", "{}"),
-    ("raw_rows_per_s", "{:.1f}"), ("served_over_raw", "{:.2f}"), ("allowed_batch", "{}"),
-    ("raw_allowed_rows_per_s", "{:.1f}"), ("served_over_raw_allowed", "{:.2f}"),
-]  # fmt: skip
+    ("backbone", "{}"),
+    ("concurrency", "{}"),
+    ("requests", "{}"),
+    ("errors", "{}"),
+    ("req_per_s", "{:.1f}"),
+    ("p50_ms", "{:.1f}"),
+    ("p95_ms", "{:.1f}"),
+    ("p99_ms", "{:.1f}"),
+    ("mean_batch", "{:.1f}"),
+    ("model_busy", "{:.0%}"),
+    ("raw_batch", "{}"),
+    ("raw_rows_per_s", "{:.1f}"),
+    ("served_over_raw", "{:.2f}"),
+    ("allowed_batch", "{}"),
+    ("raw_allowed_rows_per_s", "{:.1f}"),
+    ("served_over_raw_allowed", "{:.2f}"),
+]
 SWAP_COLUMNS = [
-    ("backbone", "{}"), ("concurrency", "{}"), ("requests", "{}"), ("errors", "{}"),
-    ("req_per_s", "{:.1f}"), ("p95_ms", "{:.1f}"), ("swaps", "{}"), ("swaps_failed", "{}"),
-    ("swap_p50_ms", "{:.1f}"), ("swap_p95_ms", "{:.1f}"), ("swap_max_ms", "{:.1f}"),
-    ("swap_server_ms", "{:.1f}"), ("stale_versions", "{}"), ("versions_checked", "{}"),
-]  # fmt: skip
-GOAL_COLUMNS = [("backbone", "{}"), ("goal", "{}"), ("value", "{}"), ("target", "{}"),
-                ("met", "{}")]  # fmt: skip
+    ("backbone", "{}"),
+    ("concurrency", "{}"),
+    ("requests", "{}"),
+    ("errors", "{}"),
+    ("req_per_s", "{:.1f}"),
+    ("p95_ms", "{:.1f}"),
+    ("swaps", "{}"),
+    ("swaps_failed", "{}"),
+    ("swap_p50_ms", "{:.1f}"),
+    ("swap_p95_ms", "{:.1f}"),
+    ("swap_max_ms", "{:.1f}"),
+    ("swap_server_ms", "{:.1f}"),
+    ("stale_versions", "{}"),
+    ("versions_checked", "{}"),
+]
+GOAL_COLUMNS = [
+    ("backbone", "{}"),
+    ("goal", "{}"),
+    ("value", "{}"),
+    ("target", "{}"),
+    ("met", "{}"),
+]
 
 
 def goal_rows(name: str, goals: dict) -> list[dict]:
@@ -363,23 +410,33 @@ def goal_rows(name: str, goals: dict) -> list[dict]:
         f"{batching['raw_ceiling']:.2f}x)",
         "served_over_raw": f"{served['value']:.2f}x (c={served['concurrency']} vs raw "
         f"B={served['raw_batch']}; {served['at_allowed_batch']:.2f}x vs B=max allowed)",
-        "swap": "-" if swap["value"] is None else f"p95 {swap['value']:.1f} ms over "
-        f"{swap['swaps']} swaps, {swap['failed']} failed",
-    }  # fmt: skip
+        "swap": "-"
+        if swap["value"] is None
+        else f"p95 {swap['value']:.1f} ms over {swap['swaps']} swaps, {swap['failed']} failed",
+    }
     return [
-        {"backbone": name, "goal": goal, "value": values[goal], "target": spec["target"],
-         "met": "met" if spec["met"] else "NOT met"}
+        {
+            "backbone": name,
+            "goal": goal,
+            "value": values[goal],
+            "target": spec["target"],
+            "met": "met" if spec["met"] else "NOT met",
+        }
         for goal, spec in goals.items()
-    ]  # fmt: skip
+    ]
 
 
 def machine(threads: int) -> dict:
     return {
-        "platform": platform.platform(), "processor": platform.processor(),
-        "cpus": os.cpu_count(), "threads": threads, "omp_num_threads": threads,
-        "python": platform.python_version(), "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "threads": threads,
+        "omp_num_threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
         "load_average_at_start": os.getloadavg(),
-    }  # fmt: skip
+    }
 
 
 def main() -> None:

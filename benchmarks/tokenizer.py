@@ -114,9 +114,16 @@ def main() -> None:
             theirs = seconds[f"{level} {state} open_clip"]
             ours = seconds[f"{level} {state} lpi"]
             rows.append(
-                {"batch": batch_name, "texts": len(texts), "level": level, "memo": state,
-                 "ms_open_clip": theirs * 1e3, "ms_lpi": ours * 1e3, "speedup": theirs / ours}
-            )  # fmt: skip
+                {
+                    "batch": batch_name,
+                    "texts": len(texts),
+                    "level": level,
+                    "memo": state,
+                    "ms_open_clip": theirs * 1e3,
+                    "ms_lpi": ours * 1e3,
+                    "speedup": theirs / ours,
+                }
+            )
     columns = [("batch", "{}"), ("texts", "{}"), ("level", "{}"), ("memo", "{}")]
     columns += [("ms_open_clip", "{:.2f}"), ("ms_lpi", "{:.2f}"), ("speedup", "{:.1f}x")]
     print(f"one thread per tokenizer; {os.cpu_count()} cores")

@@ -12,7 +12,8 @@
 """
 
 from clients.aio import AsyncClient
-from clients.base import RetryPolicy, image_item, text_item
+from clients.base import RetryPolicy
+from clients.calls import image_item, text_item, to_numpy
 from clients.errors import (
     AuthError,
     BadRequestError,
@@ -45,4 +46,5 @@ __all__ = [
     "image_item",
     "schema",
     "text_item",
+    "to_numpy",
 ]

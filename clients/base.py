@@ -10,30 +10,41 @@ tests/test_clients.py runs every method through both against the real app.
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import os
 import random
-import sys
-import uuid
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence, Sized
-from contextlib import contextmanager
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
-from pydantic import BaseModel, ValidationError
 
-from clients.errors import (
-    ConnectionFailed,
-    InvalidResponseError,
-    VersionChangedError,
-    error_from_response,
-    parse_retry_after,
+from clients.calls import (  # re-exported: the SDK's helpers have lived here
+    Call,
+    ImageInput,
+    ItemInput,
+    T,
+    _b64,
+    _images,
+    _parse,
+    _progress,
+    _task,
+    _text,
+    _texts,
+    as_item,
+    chunks,
+    delete_calls,
+    embed_call,
+    image_bytes,
+    image_item,  # noqa: F401 (re-exported)
+    index_call,
+    merge_embeddings,
+    points_call,
+    text_item,  # noqa: F401 (re-exported)
+    to_numpy,
 )
+from clients.errors import ConnectionFailed, error_from_response, parse_retry_after
 from wire import schema
 
 log = logging.getLogger("clients")
@@ -43,16 +54,11 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_CHUNK = 64  # the server's default max_items: texts + images (or items) per request
 USER_AGENT = "lpi-serve-client/0.1.0"
 
-T = TypeVar("T")
 Plan = Generator["Call", Any, T]
-# bytes of an image file, a local file path, or a PIL image (PIL is never imported here).
-ImageInput = bytes | bytearray | memoryview | str | os.PathLike | Any
-ItemInput = schema.IndexItem | Mapping[str, Any]
 
 # No answer came: worth another try. Other transport errors (a bad URL scheme, a proxy refusing
 # us) would fail the same way again.
 RETRYABLE = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
-_PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 
 
 @dataclass(frozen=True)
@@ -86,22 +92,6 @@ class RetryPolicy:
         if retry_after is not None:
             return min(self.max_retry_after, retry_after * (1 + 0.1 * rand()))
         return min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + 0.5 * rand())
-
-
-@dataclass(frozen=True)
-class Call:
-    """One HTTP request as data, and how to read its answer."""
-
-    method: str
-    path: str
-    parse: Callable[[bytes], Any]
-    body: BaseModel | None = None  # sent as JSON
-    content: bytes | None = None  # sent as application/octet-stream
-    params: Mapping[str, Any] | None = None
-    form: Mapping[str, Any] | None = None  # multipart fields, sent with `files`
-    files: tuple[tuple[str, tuple[str, bytes, str]], ...] = ()
-    admin: bool = False  # sent with the admin key
-    ok: frozenset[int] = frozenset({200})  # statuses whose body `parse` reads
 
 
 @dataclass(frozen=True)
@@ -170,8 +160,15 @@ class BaseClient:
         ) from error
 
     def _retrying(self, call: Call, reason: str, attempt: int, wait: float) -> Retry:
-        log.warning("%s %s: %s; retry %d of %d in %.2f s", call.method, call.path, reason,
-                    attempt + 1, self.retry.retries, wait)  # fmt: skip
+        log.warning(
+            "%s %s: %s; retry %d of %d in %.2f s",
+            call.method,
+            call.path,
+            reason,
+            attempt + 1,
+            self.retry.retries,
+            wait,
+        )
         return Retry(wait)
 
     # -- plans: one per public method, the twins' single source of behaviour and docs ----------
@@ -195,8 +192,10 @@ class BaseClient:
         *,
         chunk_size: int = DEFAULT_CHUNK,
         progress: bool = False,
-    ) -> Plan[schema.EmbedResponse]:
-        """Embed any number of texts, `chunk_size` per request, as one `EmbedResponse`.
+        numpy: bool = False,
+    ) -> Plan[Any]:
+        """Embed any number of texts, `chunk_size` per request, as one `EmbedResponse` (or with
+        `numpy=True` a float32 array [n, E]; numpy needed).
 
         Raises `VersionChangedError` if a new prompt version of the task was loaded between
         chunks (the vectors would not be comparable).
@@ -209,7 +208,8 @@ class BaseClient:
             for chunk in chunks(texts, chunk_size):
                 parts.append((yield embed_call(chunk, [], task)))
                 bar.update(len(chunk))
-        return merge_embeddings(parts)
+        merged = merge_embeddings(parts)
+        return to_numpy(merged).text if numpy else merged
 
     def _embed_images(
         self,
@@ -218,9 +218,11 @@ class BaseClient:
         *,
         chunk_size: int = DEFAULT_CHUNK,
         progress: bool = False,
-    ) -> Plan[schema.EmbedResponse]:
+        numpy: bool = False,
+    ) -> Plan[Any]:
         """Embed any number of images (bytes, paths or PIL images), `chunk_size` per request,
-        as one `EmbedResponse`; files are read one chunk at a time."""
+        as one `EmbedResponse` (or an array [n, E] with `numpy=True`); files are read one
+        chunk at a time."""
         images = _images(images)
         if not images:
             raise ValueError("images: give at least one image")
@@ -229,7 +231,8 @@ class BaseClient:
             for chunk in chunks(images, chunk_size):
                 parts.append((yield embed_call([], [image_bytes(i) for i in chunk], task)))
                 bar.update(len(chunk))
-        return merge_embeddings(parts)
+        merged = merge_embeddings(parts)
+        return to_numpy(merged).image if numpy else merged
 
     def _index(self, task: str, items: Iterable[ItemInput]) -> Plan[schema.IndexResponse]:
         """Embed items with the task's newest prompt version and store them; one request.
@@ -247,18 +250,23 @@ class BaseClient:
         *,
         chunk_size: int = DEFAULT_CHUNK,
         progress: bool = True,
+        skip_existing: bool = False,
+        prompt_version: str | None = None,
     ) -> Plan[list[schema.IndexResponse]]:
         """Index any number of items, `chunk_size` per request; one `IndexResponse` per chunk.
 
         `items` may be a lazy iterable (a generator of `image_item`s reads each file only when
         its chunk is sent). The progress bar (tqdm, on stderr) shows only on a terminal.
+        `skip_existing` resumes a run (ids stored under the version are skipped);
+        `prompt_version` names the version that made items' precomputed `vector`s.
         """
         _task(task)
         total = len(items) if isinstance(items, Sized) else None
         answers = []
+        options = {"skip_existing": skip_existing, "prompt_version": prompt_version}
         with _progress(progress, total, f"index {task}") as bar:
             for chunk in chunks(items, chunk_size):
-                answers.append((yield index_call(task, [as_item(i) for i in chunk])))
+                answers.append((yield index_call(task, [as_item(i) for i in chunk], **options)))
                 bar.update(len(chunk))
         return answers
 
@@ -272,12 +280,15 @@ class BaseClient:
         top_k: int = 10,
         filter: Mapping[str, schema.FilterValue] | None = None,
         accept_mismatch: bool = False,
+        exact: bool = False,
+        hnsw_ef: int | None = None,
     ) -> Plan[schema.SearchResponse]:
         """The `top_k` stored items nearest a text, an image or a vector (give exactly one).
 
         `filter` keeps items whose payload matches every key exactly. Searches compare only
         vectors of one prompt version: the serving one, or with `accept_mismatch` the query is
         embedded with the newest loaded version even if the stored vectors are older.
+        `exact` scores every stored vector (audits); `hnsw_ef` trades speed for recall.
         """
         query = schema.SearchQuery(
             text=text,
@@ -285,9 +296,62 @@ class BaseClient:
             vector=None if vector is None else [float(v) for v in vector],
         )
         body = schema.SearchRequest(
-            task=task, query=query, top_k=top_k, filter=filter, accept_mismatch=accept_mismatch
+            task=task,
+            query=query,
+            top_k=top_k,
+            filter=None if filter is None else dict(filter),
+            accept_mismatch=accept_mismatch,
+            exact=exact,
+            hnsw_ef=hnsw_ef,
         )
         return (yield Call("POST", "/search", schema.SearchResponse.model_validate_json, body=body))
+
+    def _count_points(
+        self, task: str, filter: Mapping[str, schema.FilterValue] | None = None
+    ) -> Plan[int]:
+        """How many points the task's serving version stores (matching `filter`, if given)."""
+        return (yield points_call("count", task, filter)).count
+
+    def _list_points(
+        self,
+        task: str,
+        filter: Mapping[str, schema.FilterValue] | None = None,
+        *,
+        limit: int = 100,
+        offset: str | None = None,
+    ) -> Plan[schema.PointsResponse]:
+        """One page of stored points (`.points`: id and payload); pass `.next_offset` back as
+        `offset` for the next page (None after the last)."""
+        return (yield points_call("list", task, filter, limit, offset))
+
+    def _all_points(
+        self,
+        task: str,
+        filter: Mapping[str, schema.FilterValue] | None = None,
+        *,
+        page_size: int = 1000,
+    ) -> Plan[list[schema.StoredPoint]]:
+        """Every stored point of the serving version (matching `filter`), page by page."""
+        points: list[schema.StoredPoint] = []
+        offset: str | None = None
+        while True:
+            page = yield points_call("list", task, filter, page_size, offset)
+            points += page.points or []
+            if (offset := page.next_offset) is None:
+                return points
+
+    def _delete_points(
+        self,
+        task: str,
+        ids: Sequence[str] | None = None,
+        filter: Mapping[str, schema.FilterValue] | None = None,
+    ) -> Plan[int]:
+        """Delete stored points by id (any number, in chunks) or by payload filter (give
+        exactly one); returns how many existed."""
+        deleted = 0
+        for call in delete_calls(task, ids, filter):
+            deleted += (yield call).count
+        return deleted
 
     def _list_tasks(self) -> Plan[schema.TaskList]:
         """Every loaded task (`.tasks`: a `TaskInfo` each)."""
@@ -300,7 +364,7 @@ class BaseClient:
     def _load_task(
         self,
         task: str,
-        path_or_bytes: str | os.PathLike | bytes | None = None,
+        path_or_bytes: str | os.PathLike[str] | bytes | None = None,
         *,
         server_path: str | None = None,
         promote: bool = False,
@@ -320,6 +384,7 @@ class BaseClient:
             body = schema.LoadTaskRequest(path=os.fspath(server_path), promote=promote)
             call = Call("PUT", path, parse, body=body, admin=True)
         else:
+            assert path_or_bytes is not None  # exactly one of the two is given (checked above)
             data = (
                 bytes(path_or_bytes)
                 if isinstance(path_or_bytes, (bytes, bytearray, memoryview))
@@ -328,9 +393,12 @@ class BaseClient:
             call = Call("PUT", path, parse, content=data, params={"promote": promote}, admin=True)
         return (yield call)
 
-    def _promote(self, task: str, version: str) -> Plan[schema.TaskInfo]:
-        """Make a loaded prompt version the one /search uses (after re-indexing under it)."""
-        body = schema.PromoteRequest(version=version)
+    def _promote(self, task: str, version: str, *, force: bool = False) -> Plan[schema.TaskInfo]:
+        """Make a loaded prompt version the one /search uses (after re-indexing under it).
+
+        A version with no vectors while the serving one has some is refused (409,
+        `version_not_indexed`): /search would find nothing. `force=True` promotes it anyway."""
+        body = schema.PromoteRequest(version=version, force=force)
         call = Call(
             "POST",
             f"/tasks/{_task(task)}/promote",
@@ -376,176 +444,5 @@ def mirror_docs(cls: type[T]) -> type[T]:
     return cls
 
 
-# -- building calls -----------------------------------------------------------------------------
-
-
-def embed_call(texts: list[str], images: list[bytes], task: str | None) -> Call:
-    """JSON for texts alone; a multipart form (files, not base64) once there are images."""
-    parse = schema.EmbedResponse.model_validate_json
-    if task is not None:
-        _task(task)
-    if not images:
-        return Call("POST", "/embed", parse, body=schema.EmbedRequest(task=task, texts=texts))
-    form: dict[str, Any] = {"texts": texts} | ({"task": task} if task is not None else {})
-    files = tuple(
-        ("images", (f"image-{i}", blob, "application/octet-stream"))
-        for i, blob in enumerate(images)
-    )
-    return Call("POST", "/embed", parse, form=form, files=files)
-
-
-def index_call(task: str, items: list[schema.IndexItem]) -> Call:
-    items = [
-        item if item.id is not None else item.model_copy(update={"id": str(uuid.uuid4())})
-        for item in items
-    ]
-    body = schema.IndexRequest(task=task, items=items)
-    return Call("POST", "/index", schema.IndexResponse.model_validate_json, body=body)
-
-
-def text_item(
-    text: str, id: str | None = None, payload: Mapping[str, schema.PayloadValue] | None = None
-) -> schema.IndexItem:
-    """An item to index from a text."""
-    return schema.IndexItem(id=id, text=text, payload=dict(payload or {}))
-
-
-def image_item(
-    image: ImageInput,
-    id: str | None = None,
-    payload: Mapping[str, schema.PayloadValue] | None = None,
-) -> schema.IndexItem:
-    """An item to index from an image: file bytes, a local path or a PIL image."""
-    return schema.IndexItem(id=id, image=_b64(image_bytes(image)), payload=dict(payload or {}))
-
-
-def as_item(item: ItemInput) -> schema.IndexItem:
-    if isinstance(item, schema.IndexItem):
-        return item
-    if isinstance(item, Mapping):
-        return schema.IndexItem.model_validate(item)
-    raise TypeError(f"an item is an IndexItem or a dict, not {type(item).__name__}")
-
-
-def image_bytes(image: ImageInput) -> bytes:
-    """An image's file bytes, from bytes, a local file path, or a PIL image (saved as PNG)."""
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return bytes(image)
-    if isinstance(image, (str, os.PathLike)):
-        return Path(image).read_bytes()
-    # A PIL image can exist only if PIL is loaded already; never import it for the check.
-    pil = sys.modules.get("PIL.Image")
-    if pil is not None and isinstance(image, pil.Image):
-        buffer = io.BytesIO()
-        (image if image.mode in _PNG_MODES else image.convert("RGB")).save(buffer, format="PNG")
-        return buffer.getvalue()
-    raise TypeError(f"an image is bytes, a file path or a PIL image, not {type(image).__name__}")
-
-
-# -- reading answers ----------------------------------------------------------------------------
-
-
-def merge_embeddings(parts: Sequence[schema.EmbedResponse]) -> schema.EmbedResponse:
-    """One `EmbedResponse` from the answers to consecutive chunks, rows in order."""
-    if len(parts) == 1:
-        return parts[0]
-    first, versions = parts[0], {}
-    for part in parts:
-        if part.backbone != first.backbone:
-            raise VersionChangedError(
-                "the server's backbone changed between chunks; embed again", type="version_changed"
-            )
-        for task, version in part.prompt_versions.items():
-            if versions.setdefault(task, version) != version:
-                raise VersionChangedError(
-                    f"task {task!r} was reloaded between chunks (prompt versions "
-                    f"{versions[task]} and {version}); embed again",
-                    type="version_changed",
-                    field="task",
-                )
-    single = {part.prompt_version for part in parts}
-    return schema.EmbedResponse(
-        task=first.task,
-        prompt_version=single.pop() if len(single) == 1 else None,
-        backbone=first.backbone,
-        text_embeddings=_concat(part.text_embeddings for part in parts),
-        image_embeddings=_concat(part.image_embeddings for part in parts),
-        text_tasks=_concat(part.text_tasks for part in parts),
-        image_tasks=_concat(part.image_tasks for part in parts),
-        prompt_versions=versions,
-    )
-
-
-def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    if size < 1:
-        raise ValueError("chunk_size must be at least 1")
-    iterator = iter(items)
-    while chunk := list(islice(iterator, size)):
-        yield chunk
-
-
-def _parse(call: Call, response: httpx.Response) -> Any:
-    try:
-        return call.parse(response.content)
-    except (ValidationError, UnicodeDecodeError) as err:
-        raise InvalidResponseError(
-            f"{call.method} {call.path}: the answer is not the wire schema's ({err})",
-            status=response.status_code,
-            type="invalid_response",
-            body=response.content.decode("utf-8", "replace")[:2000],
-        ) from err
-
-
-def _text(content: bytes) -> str:
-    return content.decode("utf-8")
-
-
-def _concat(lists: Iterable[list | None]) -> list | None:
-    present = [rows for rows in lists if rows is not None]
-    return [row for rows in present for row in rows] if present else None
-
-
-def _task(task: str) -> str:
-    if not schema.is_task_name(task):
-        raise ValueError(f"task: {task!r} is not a task name (lowercase letters, digits, '_.-')")
-    return task
-
-
-def _texts(texts: Sequence[str]) -> list[str]:
-    if isinstance(texts, str):
-        raise TypeError("texts: give a list of strings, not one string")
-    texts = list(texts)
-    if not all(isinstance(t, str) for t in texts):
-        raise TypeError("texts: every text must be a string")
-    return texts
-
-
-def _images(images: Sequence[ImageInput]) -> list[ImageInput]:
-    if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike)):
-        raise TypeError("images: give a list of images, not one image")
-    return list(images)
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
 def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-
-@contextmanager
-def _progress(enabled: bool, total: int | None, desc: str) -> Iterator[Any]:
-    """A tqdm bar on stderr (only on a terminal), or one that does nothing."""
-    if not enabled:
-        yield _NoBar()
-        return
-    from tqdm import tqdm
-
-    with tqdm(total=total, desc=desc, unit="item", disable=None) as bar:
-        yield bar

@@ -18,15 +18,12 @@ from clients.base import (
     DEFAULT_URL,
     USER_AGENT,
     BaseClient,
-    Call,
-    ImageInput,
-    ItemInput,
     Plan,
     Retry,
     RetryPolicy,
-    T,
     mirror_docs,
 )
+from clients.calls import Call, ImageInput, ItemInput, T
 from wire import schema
 
 
@@ -89,7 +86,8 @@ class Client(BaseClient):
             while True:
                 call = plan.send(self._send(call))
         except StopIteration as done:
-            return done.value
+            result: T = done.value
+            return result
         finally:
             plan.close()
 
@@ -107,8 +105,9 @@ class Client(BaseClient):
         *,
         chunk_size: int = DEFAULT_CHUNK,
         progress: bool = False,
-    ) -> schema.EmbedResponse:
-        plan = self._embed_texts(texts, task, chunk_size=chunk_size, progress=progress)
+        numpy: bool = False,
+    ) -> schema.EmbedResponse | Any:
+        plan = self._embed_texts(texts, task, chunk_size=chunk_size, progress=progress, numpy=numpy)
         return self._run(plan)
 
     def embed_images(
@@ -118,8 +117,11 @@ class Client(BaseClient):
         *,
         chunk_size: int = DEFAULT_CHUNK,
         progress: bool = False,
-    ) -> schema.EmbedResponse:
-        plan = self._embed_images(images, task, chunk_size=chunk_size, progress=progress)
+        numpy: bool = False,
+    ) -> schema.EmbedResponse | Any:
+        plan = self._embed_images(
+            images, task, chunk_size=chunk_size, progress=progress, numpy=numpy
+        )
         return self._run(plan)
 
     def index(self, task: str, items: Iterable[ItemInput]) -> schema.IndexResponse:
@@ -132,8 +134,17 @@ class Client(BaseClient):
         *,
         chunk_size: int = DEFAULT_CHUNK,
         progress: bool = True,
+        skip_existing: bool = False,
+        prompt_version: str | None = None,
     ) -> list[schema.IndexResponse]:
-        plan = self._index_many(task, items, chunk_size=chunk_size, progress=progress)
+        plan = self._index_many(
+            task,
+            items,
+            chunk_size=chunk_size,
+            progress=progress,
+            skip_existing=skip_existing,
+            prompt_version=prompt_version,
+        )
         return self._run(plan)
 
     def search(
@@ -146,6 +157,8 @@ class Client(BaseClient):
         top_k: int = 10,
         filter: Mapping[str, schema.FilterValue] | None = None,
         accept_mismatch: bool = False,
+        exact: bool = False,
+        hnsw_ef: int | None = None,
     ) -> schema.SearchResponse:
         return self._run(
             self._search(
@@ -156,8 +169,42 @@ class Client(BaseClient):
                 top_k=top_k,
                 filter=filter,
                 accept_mismatch=accept_mismatch,
+                exact=exact,
+                hnsw_ef=hnsw_ef,
             )
         )
+
+    def count_points(
+        self, task: str, filter: Mapping[str, schema.FilterValue] | None = None
+    ) -> int:
+        return self._run(self._count_points(task, filter))
+
+    def list_points(
+        self,
+        task: str,
+        filter: Mapping[str, schema.FilterValue] | None = None,
+        *,
+        limit: int = 100,
+        offset: str | None = None,
+    ) -> schema.PointsResponse:
+        return self._run(self._list_points(task, filter, limit=limit, offset=offset))
+
+    def all_points(
+        self,
+        task: str,
+        filter: Mapping[str, schema.FilterValue] | None = None,
+        *,
+        page_size: int = 1000,
+    ) -> list[schema.StoredPoint]:
+        return self._run(self._all_points(task, filter, page_size=page_size))
+
+    def delete_points(
+        self,
+        task: str,
+        ids: Sequence[str] | None = None,
+        filter: Mapping[str, schema.FilterValue] | None = None,
+    ) -> int:
+        return self._run(self._delete_points(task, ids, filter))
 
     def list_tasks(self) -> schema.TaskList:
         return self._run(self._list_tasks())
@@ -168,7 +215,7 @@ class Client(BaseClient):
     def load_task(
         self,
         task: str,
-        path_or_bytes: str | os.PathLike | bytes | None = None,
+        path_or_bytes: str | os.PathLike[str] | bytes | None = None,
         *,
         server_path: str | None = None,
         promote: bool = False,
@@ -176,8 +223,8 @@ class Client(BaseClient):
         plan = self._load_task(task, path_or_bytes, server_path=server_path, promote=promote)
         return self._run(plan)
 
-    def promote(self, task: str, version: str) -> schema.TaskInfo:
-        return self._run(self._promote(task, version))
+    def promote(self, task: str, version: str, *, force: bool = False) -> schema.TaskInfo:
+        return self._run(self._promote(task, version, force=force))
 
     def unload_task(self, task: str, *, delete_vectors: bool = False) -> schema.UnloadResponse:
         return self._run(self._unload_task(task, delete_vectors=delete_vectors))

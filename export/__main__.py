@@ -40,21 +40,9 @@ def import_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "prompts", type=Path, help=".safetensors/.pt with prompts_v/prompts_t or image.{j}/text.{j}"
     )
-    parser.add_argument("--backbone", required=True)
+    parser.add_argument("--backbone", required=True, help="the backbone the prompts fit (path)")
     parser.add_argument("--name", required=True, help="task name")
-    parser.add_argument("--out", type=Path, required=True)
-    return parser
-
-
-def onnx_parser() -> argparse.ArgumentParser:
-    from export.onnx_export import add_onnx_arguments
-
-    parser = argparse.ArgumentParser(
-        prog="python -m export onnx",
-        description="Export the image and text towers as ONNX graphs that take every prompted "
-        "layer's prefix keys and values as inputs (one graph for every task and none).",
-    )
-    add_onnx_arguments(parser)
+    parser.add_argument("--out", type=Path, required=True, help="artifact folder")
     return parser
 
 
@@ -63,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["onnx"]:
-            from export.onnx_export import run_onnx
+            from export.onnx_cli import onnx_parser, run_onnx
 
             return run_onnx(onnx_parser().parse_args(argv[1:]))
         if argv[:1] == ["import-dense"]:

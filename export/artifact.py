@@ -1,7 +1,7 @@
 """Versioned task-prompt artifacts: one safetensors file per task, checked on every read.
 
 A file holds the task's training factors (`train.*`), its folded prefix factors per encoder and
-layer (`image.key_u` [J, N, R'], `image.key_m` [J, R', D_v], ... spec section 6), and its task
+layer (`image.key_u` [J, N, R'], `image.key_m` [J, R', D_v], ... METHOD.md §6), and its task
 keys (`keys.image`, `keys.text`, absent for imported prompts); the header's metadata holds the
 format version, task id and name, prompt version (a content hash), backbone fingerprint,
 shapes, dtype, creation time and training metrics, and a sha256 of every tensor.
@@ -21,38 +21,73 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lpi import FoldedTask, FoldedTower, TaskPrefix, fingerprint
+from export.checks import (
+    FACTORS,
+    FORMAT,
+    FORMAT_VERSION,
+    TOWERS,
+    check_header,
+    check_keys,
+    check_prefix,
+    check_ranks,
+    check_tensors,
+    shown,
+    shown_name,
+)
+from export.errors import (
+    ArtifactCorruptError,
+    ArtifactDtypeError,
+    ArtifactError,
+    ArtifactHeaderError,
+    ArtifactShapeError,
+    ArtifactValueError,
+    ArtifactVersionError,
+    BackboneMismatchError,
+    PromptVersionError,
+)
+from lpi import Backbone, FoldedTask, FoldedTower, TaskPrefix, fingerprint
 from lpi.atomic import atomic_path
 
-FORMAT = "lpi-task"
-FORMAT_VERSION = 1
+__all__ = [  # the errors live in export.errors; importing them from here keeps working
+    "ArtifactCorruptError",
+    "ArtifactDtypeError",
+    "ArtifactError",
+    "ArtifactHeaderError",
+    "ArtifactShapeError",
+    "ArtifactValueError",
+    "ArtifactVersionError",
+    "BackboneMismatchError",
+    "PromptVersionError",
+    "TaskArtifact",
+    "content_version",
+    "is_content_version",
+    "read_artifact",
+    "task_id",
+    "tensors_digest",
+    "write_artifact",
+]
+
 FOLD_TOLERANCE = 1e-5
-TOWERS = ("image", "text")
-FACTORS = ("key_u", "key_m", "value_u", "value_m")
-
-
-class ArtifactError(ValueError):
-    """A task artifact that cannot be served; the subclass says which check failed."""
-
-
-class ArtifactCorruptError(ArtifactError):
-    """Unreadable, truncated, or its bytes do not match the recorded checksum."""
-
-
-class ArtifactVersionError(ArtifactError):
-    """Written in a format version this code does not read."""
-
-
-class ArtifactShapeError(ArtifactError):
-    """Missing tensors, unexpected tensors, or shapes that do not fit together."""
-
-
-class ArtifactValueError(ArtifactError):
-    """NaN or Inf among the values."""
-
-
-class BackboneMismatchError(ArtifactError):
-    """Made for another backbone: its vectors would not be comparable."""
+VERSION_CHARS = 16  # a prompt version is the first 16 hex digits of the content hash
+# Header fields the writer computes; `extra` may not replace them.
+COMPUTED = (
+    "format",
+    "format_version",
+    "task_id",
+    "task_name",
+    "prompt_version",
+    "checksum",
+    "backbone_fingerprint",
+    "layers",
+    "tokens",
+    "rank_image",
+    "rank_text",
+    "width_image",
+    "width_text",
+    "dtype",
+    "created",
+    "metrics",
+)
 
 
 @dataclass(frozen=True)
@@ -60,20 +95,22 @@ class TaskArtifact:
     path: Path | None
     meta: dict
     folded: FoldedTask
+    digest: str  # tensors_digest of the file's tensors, computed when it was read
     train: dict[str, Tensor] = field(default_factory=dict)
     keys: dict[str, Tensor] = field(default_factory=dict)  # "image"/"text": [M, E]
 
     @property
     def task_id(self) -> str:
-        return self.meta["task_id"]
+        return str(self.meta["task_id"])
 
     @property
     def name(self) -> str:
-        return self.meta["task_name"]
+        return str(self.meta["task_name"])
 
     @property
     def prompt_version(self) -> str:
-        return self.meta["prompt_version"]
+        """The content hash of the tensors read, never the header's word for it."""
+        return content_version(self.digest)
 
     def task_prefix(self) -> TaskPrefix:
         """Prefix keys and values [J, N, D] of both towers, materialised from the factors."""
@@ -83,11 +120,24 @@ class TaskArtifact:
 
 
 def task_id(name: str) -> str:
-    """A file- and URL-safe id for a task name."""
+    """A file- and URL-safe id for a task name (at most 100 characters: a file name)."""
     slug = re.sub(r"[^a-z0-9_.-]+", "-", name.lower()).strip("-.")
     if not slug:
         raise ArtifactError(f"task name {name!r} gives an empty id")
+    if len(slug) > 100:  # long names stay distinct: a hash of the whole name ends the id
+        slug = f"{slug[:83].rstrip('-.')}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
     return slug
+
+
+def content_version(digest: str) -> str:
+    """The prompt version of content whose `tensors_digest` is `digest`: its first 16 hex
+    digits. Writer and reader derive it alike, so a label always names its tensors."""
+    return digest[:VERSION_CHARS]
+
+
+def is_content_version(text: str) -> bool:
+    """Whether `text` could be a prompt version: 16 lowercase hex digits, safe in a file name."""
+    return isinstance(text, str) and re.fullmatch(f"[0-9a-f]{{{VERSION_CHARS}}}", text) is not None
 
 
 def tensors_digest(tensors: dict[str, Tensor]) -> str:
@@ -96,7 +146,8 @@ def tensors_digest(tensors: dict[str, Tensor]) -> str:
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        flat = tensor.reshape(-1)  # a 0-d tensor has no byte view of its own
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 
@@ -117,7 +168,7 @@ def write_artifact(
     path: Path,
     name: str,
     folded: FoldedTask,
-    backbone,
+    backbone: Backbone,
     train: dict[str, Tensor] | None = None,
     keys: dict[str, Tensor] | None = None,
     metrics: dict | None = None,
@@ -130,6 +181,9 @@ def write_artifact(
     `backbone_fingerprint` saves hashing the backbone's weights again for every task.
     """
     _check_fold_precision(name, folded, dtype)
+    clash = sorted(set(extra or {}) & set(COMPUTED))
+    if clash:
+        raise ArtifactHeaderError(f"task {name!r}: extra may not set {', '.join(clash)}")
     tensors = build_tensors(folded, train or {}, keys or {}, dtype)
     checksum = tensors_digest(tensors)
     backbone_fingerprint = backbone_fingerprint or fingerprint(backbone)
@@ -139,7 +193,7 @@ def write_artifact(
         "format_version": FORMAT_VERSION,
         "task_id": task_id(name),
         "task_name": name,
-        "prompt_version": checksum[:16],
+        "prompt_version": content_version(checksum),
         "checksum": checksum,
         "backbone_fingerprint": backbone_fingerprint,
         "layers": image.key_u.shape[0],
@@ -174,69 +228,62 @@ def _check_fold_precision(name: str, folded: FoldedTask, dtype: torch.dtype) -> 
 
 
 def read_artifact(
-    path: str | Path, backbone=None, backbone_fingerprint: str | None = None
+    path: str | Path, backbone: Backbone | None = None, backbone_fingerprint: str | None = None
 ) -> TaskArtifact:
     """Read and validate an artifact; pass the serving backbone to check it was made for it.
 
-    `backbone_fingerprint` saves hashing the backbone's weights again for every task.
+    Every header field the server reads is type-checked, every tensor it will use is checked
+    (dtype, rank, shape, finite and bounded values, usable task keys), and the prompt version
+    is the tensors' content hash: a header naming another one is refused. Nothing read from
+    the file is ever used as a path. `backbone_fingerprint` saves hashing the backbone again.
     """
     path = Path(path)
     meta, tensors = _read_file(path)
-    _check_version(path, meta)
-    if tensors_digest(tensors) != meta.get("checksum"):
+    check_header(path, meta)
+    check_tensors(path, tensors)
+    if backbone is not None:  # before any check whose work grows with the header's J, N, D
+        check_backbone(path, meta, backbone, backbone_fingerprint)
+    digest = tensors_digest(tensors)
+    if digest != meta["checksum"]:
         raise ArtifactCorruptError(f"{path}: tensor bytes do not match the recorded checksum")
+    if meta["prompt_version"] != content_version(digest):
+        raise PromptVersionError(
+            f"{path}: the header names prompt version {shown(meta['prompt_version'])}, but the "
+            f"tensors' content hash gives {content_version(digest)}",
+            "artifact.prompt_version",
+        )
     folded = _check_shapes(path, meta, tensors)
+    check_ranks(path, meta, folded)
     bad = sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
     if bad:
-        raise ArtifactValueError(f"{path}: NaN or Inf in {', '.join(bad)}")
-    if backbone is not None:
-        check_backbone(path, meta, backbone, backbone_fingerprint)
+        names = ", ".join(shown_name(k) for k in bad[:5])
+        raise ArtifactValueError(f"{path}: NaN or Inf in {names}")
     train = {k.removeprefix("train."): v for k, v in tensors.items() if k.startswith("train.")}
     keys = {k.removeprefix("keys."): v for k, v in tensors.items() if k.startswith("keys.")}
-    return TaskArtifact(path, meta, folded, train, keys)
+    check_keys(path, keys, backbone.config.embed_dim if backbone is not None else None)
+    check_prefix(path, folded)
+    return TaskArtifact(path, meta, folded, digest, train, keys)
 
 
 def _read_file(path: Path) -> tuple[dict, dict[str, Tensor]]:
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as err:  # a name too long, a permission: the file cannot be reached
+        raise ArtifactCorruptError(f"{path}: cannot be read ({err.strerror})") from err
+    if not found:
         raise ArtifactCorruptError(f"{path}: no such artifact file")
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as err:
         raise ArtifactCorruptError(f"{path}: not a readable safetensors file ({err})") from err
     try:
         meta = {key: json.loads(value) for key, value in header.items()}
-    except json.JSONDecodeError as err:
-        raise ArtifactCorruptError(f"{path}: metadata is not JSON ({err})") from err
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, or an int of 5000 digits
+        reason = f"{type(err).__name__}: {str(err)[:80]}"
+        raise ArtifactCorruptError(f"{path}: metadata is not JSON ({reason})") from err
     return meta, tensors
-
-
-def _check_version(path: Path, meta: dict) -> None:
-    if meta.get("format") != FORMAT:
-        raise ArtifactVersionError(
-            f"{path}: not an lpi task artifact (format {meta.get('format')!r})"
-        )
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ArtifactVersionError(
-            f"{path}: format version {meta.get('format_version')!r}; this version of lpi-serve "
-            f"reads version {FORMAT_VERSION}: re-export the task with it"
-        )
-    missing = [
-        k
-        for k in (
-            "task_id",
-            "task_name",
-            "prompt_version",
-            "checksum",
-            "backbone_fingerprint",
-            "layers",
-            "tokens",
-        )
-        if k not in meta
-    ]
-    if missing:
-        raise ArtifactShapeError(f"{path}: metadata lacks {', '.join(missing)}")
 
 
 def _check_shapes(path: Path, meta: dict, tensors: dict[str, Tensor]) -> FoldedTask:
@@ -266,13 +313,12 @@ def _check_shapes(path: Path, meta: dict, tensors: dict[str, Tensor]) -> FoldedT
                 f"{path}: {tower} width {width} != metadata {meta[f'width_{tower}']}"
             )
         towers[tower] = FoldedTower(key_u, key_m, value_u, value_m)
-    unknown = [n for n in tensors if not n.startswith(("train.", "keys.", "image.", "text."))]
-    if unknown:
-        raise ArtifactShapeError(f"{path}: unexpected tensors {', '.join(sorted(unknown))}")
     return FoldedTask(towers["image"], towers["text"])
 
 
-def check_backbone(path: Path | str, meta: dict, backbone, expected: str | None = None) -> None:
+def check_backbone(
+    path: Path | str, meta: dict, backbone: Backbone, expected: str | None = None
+) -> None:
     """The artifact's backbone fingerprint and widths must be the serving backbone's."""
     config = backbone.config
     widths = (config.vision.width, config.text.width)
@@ -284,7 +330,7 @@ def check_backbone(path: Path | str, meta: dict, backbone, expected: str | None 
     depth = min(config.vision.layers, config.text.layers)
     if meta["layers"] > depth:
         raise BackboneMismatchError(
-            f"{path}: J={meta['layers']} exceeds the backbone depth {depth}"
+            f"{path}: J={meta['layers']} exceeds the backbone depth {depth}", "artifact.layers"
         )
     expected = expected or fingerprint(backbone)
     if meta["backbone_fingerprint"] != expected:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from export.artifact import ArtifactShapeError, TaskArtifact, task_id, write_artifact
-from lpi import DensePrompts, fold_task
+from lpi import Backbone, DensePrompts, fold_task
 
 
 def read_dense_prompts(path: Path) -> tuple[Tensor, Tensor]:
@@ -44,7 +44,7 @@ def _stack_layers(path: Path, state: dict, tower: str) -> Tensor:
     return torch.stack([layers[j].float() for j in range(len(layers))])
 
 
-def import_dense(path: Path, backbone, name: str, out: Path) -> TaskArtifact:
+def import_dense(path: Path, backbone: Backbone, name: str, out: Path) -> TaskArtifact:
     prompts_v, prompts_t = read_dense_prompts(path)
     widths = (backbone.config.vision.width, backbone.config.text.width)
     if (prompts_v.shape[-1], prompts_t.shape[-1]) != widths:

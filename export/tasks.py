@@ -19,9 +19,10 @@ from export.artifact import (
     task_id,
     write_artifact,
 )
-from lpi import atomic, fingerprint, fold_task
+from lpi import Backbone, atomic, fingerprint, fold_task
 from lpi.continual.methods import method_spec, new_prompts
-from lpi.continual.run_state import load_keys, load_state, load_task
+from lpi.continual.run_state import RunState, load_keys, load_state, load_task
+from lpi.routing import TaskKeys
 
 log = logging.getLogger(__name__)
 INDEX = "index.json"
@@ -32,7 +33,7 @@ class RunExportError(ArtifactError):
 
 
 def export_run(
-    run: Path, backbone, out: Path, tasks: list[str] | None = None
+    run: Path, backbone: Backbone, out: Path, tasks: list[str] | None = None
 ) -> list[TaskArtifact]:
     """One artifact per finished task of `run` (or of `tasks`), then the folder's index."""
     state = load_state(run)
@@ -53,14 +54,22 @@ def export_run(
     keys = load_keys(run)
     out.mkdir(parents=True, exist_ok=True)
     artifacts = []
-    for task in tqdm(wanted, desc="export", leave=False):
+    for task in tqdm(wanted, desc="export", leave=False, disable=None):
         artifacts.append(_export_task(run, state, task, backbone, keys, out, backbone_fingerprint))
         log.info("exported %s as %s", task, artifacts[-1].path)
     write_index(out, artifacts)
     return artifacts
 
 
-def _export_task(run, state, task, backbone, keys, out, backbone_fingerprint) -> TaskArtifact:
+def _export_task(
+    run: Path,
+    state: RunState,
+    task: str,
+    backbone: Backbone,
+    keys: TaskKeys | None,
+    out: Path,
+    backbone_fingerprint: str,
+) -> TaskArtifact:
     index = state.done.index(task)
     module = new_prompts(state.config.method, state.config.prompt_config(), backbone)
     meta = load_task(run, index, task, module)
@@ -100,6 +109,7 @@ def write_index(out: Path, artifacts: list[TaskArtifact]) -> Path:
     if path.exists():
         entries = {e["task_id"]: e for e in json.loads(path.read_text()).get("tasks", [])}
     for artifact in artifacts:
+        assert artifact.path is not None  # written artifacts know their file
         entries[artifact.task_id] = {
             "task_id": artifact.task_id,
             "name": artifact.name,

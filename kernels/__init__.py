@@ -5,15 +5,15 @@ Triton is imported only inside `kernels.dispatch.prefix_attention`, when the ker
 """
 
 from kernels.dispatch import BACKEND_ENV, attention_backend, prefix_attention
-from kernels.pool import PoolFullError, TaskSlotPool, UnknownTaskError
+from kernels.pool import NotInPoolError, PoolFullError, TaskSlotPool
 from kernels.reference import attention_over_prefix, attention_with_prefix, visibility_mask
 from kernels.reference import prefix_attention as reference_prefix_attention
 
 __all__ = [
     "BACKEND_ENV",
+    "NotInPoolError",
     "PoolFullError",
     "TaskSlotPool",
-    "UnknownTaskError",
     "attention_backend",
     "attention_over_prefix",
     "attention_with_prefix",

@@ -24,6 +24,7 @@ import io
 import json
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -51,7 +52,9 @@ class Variant:
     rank: int = 16
 
 
-def served_variants(archs=(80, 90), dtypes=("fp16", "bf16", "fp32")) -> list[Variant]:
+def served_variants(
+    archs: Sequence[int] = (80, 90), dtypes: Sequence[str] = ("fp16", "bf16", "fp32")
+) -> list[Variant]:
     """Every (arch, dtype, tower, tile config) the autotuner may pick when serving ViT-B/16."""
     from kernels import triton_prefix_attention as fused
 
@@ -65,11 +68,16 @@ def served_variants(archs=(80, 90), dtypes=("fp16", "bf16", "fp32")) -> list[Var
                     for precision in precisions:
                         variants.append(
                             Variant(
-                                arch, dtype, tower, config.kwargs["BLOCK_M"],
-                                config.kwargs["BLOCK_N"], config.num_warps, config.num_stages,
+                                arch,
+                                dtype,
+                                tower,
+                                config.kwargs["BLOCK_M"],
+                                config.kwargs["BLOCK_N"],
+                                config.num_warps,
+                                config.num_stages,
                                 precision,
                             )
-                        )  # fmt: skip
+                        )
     return variants
 
 

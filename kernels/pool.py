@@ -1,4 +1,4 @@
-"""The task-slot pool: every loaded task's prefix factors, preallocated per encoder (spec §6, §7).
+"""The task-slot pool: each loaded task's prefix factors, preallocated per tower (METHOD.md §6-7).
 
 For each prompted layer the kernel reads U_K[j]: [S, N, R], M_K[j]: [S, R, D] (and the V twins);
 a row of a batch names its task by slot. Tasks come and go while batches run, so:
@@ -30,8 +30,9 @@ class PoolFullError(RuntimeError):
     """Every slot holds a live task or one still leased by an in-flight batch."""
 
 
-class UnknownTaskError(KeyError):
-    """The task key is not loaded in the pool."""
+class NotInPoolError(KeyError):
+    """The key is not loaded in the pool (the server's own "unknown task" is the store's and
+    the registry's; this one is the slot pool's, a lookup that failed)."""
 
 
 class TaskSlotPool:
@@ -58,9 +59,8 @@ class TaskSlotPool:
         self.tokens = tokens
         self.rank = rank
         self.width = width
-        factory = {"device": device, "dtype": dtype}
-        self.U_K = torch.zeros(layers, slots, tokens, rank, **factory)  # [L, S, N, R]
-        self.M_K = torch.zeros(layers, slots, rank, width, **factory)  # [L, S, R, D]
+        self.U_K = torch.zeros(layers, slots, tokens, rank, device=device, dtype=dtype)  # [L,S,N,R]
+        self.M_K = torch.zeros(layers, slots, rank, width, device=device, dtype=dtype)  # [L,S,R,D]
         self.U_V = torch.zeros_like(self.U_K)
         self.M_V = torch.zeros_like(self.M_K)
         self._lock = threading.Lock()
@@ -150,7 +150,7 @@ class TaskSlotPool:
         try:
             return self._slot_of[task_key]
         except KeyError:
-            raise UnknownTaskError(f"task {task_key!r} is not loaded in the pool") from None
+            raise NotInPoolError(f"task {task_key!r} is not loaded in the pool") from None
 
     def _take_slot(self, task_key: Hashable) -> int:
         if not self._free:

@@ -1,4 +1,4 @@
-"""Plain PyTorch prefix attention: the slow twin of the fused kernel (spec LPI.md sections 3, 7).
+"""Plain PyTorch prefix attention: the slow twin of the fused kernel (METHOD.md §3, §7).
 
 Each row b attends over its task's prefix keys followed by its own tokens:
 
@@ -89,6 +89,7 @@ def attention_with_prefix(
     out = attention_over_prefix(q, k, v, prefix_k, prefix_v, mask, causal)
     if key_padding_mask is None:
         return out  # every query sees at least itself (or the prefix)
+    assert mask is not None  # a padding mask always gives one
     # Zeros for queries that see no key: not every SDPA backend guarantees them (CPU does).
     return out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
 
@@ -104,6 +105,8 @@ def attention_over_prefix(
 ) -> Tensor:  # [B, H, T, d]
     """SDPA over [prefix; tokens] with a prebuilt mask; SDPA's own causal path when no mask."""
     if prefix_k is not None:
+        if prefix_v is None:
+            raise ValueError("prefix_k is given without prefix_v: pass both or neither")
         k = torch.cat([prefix_k, k], dim=2)  # [B, H, N + T, d]
         v = torch.cat([prefix_v, v], dim=2)
     if mask is None:

@@ -1,4 +1,4 @@
-"""Fused prefix attention in Triton: task prefixes rebuilt on chip (spec LPI.md section 7).
+"""Fused prefix attention in Triton: task prefixes rebuilt on chip (METHOD.md §7).
 
     out[b] = softmax([q K_p^T , q k^T] / sqrt(d) + mask) @ [V_p ; v],   K_p = U_K[slot] @ M_K[slot]
 
@@ -11,8 +11,9 @@ apply among tokens; slot -1 skips the prefix and its loads. Row offsets are 64-b
 whose tensors pass 2^31 elements indexes correctly. The output is written as [B, T, H, d] and
 returned as a [B, H, T, d] view, so merging heads afterwards is a view, not a copy.
 
-Tiles (BLOCK_M, BLOCK_N), warps and pipeline stages are autotuned on a GPU once per (d, N, R',
-causal, dtype); under the interpreter (TRITON_INTERPRET=1) one small fixed tile runs instead.
+Tiles (BLOCK_M, BLOCK_N), warps and pipeline stages are autotuned on a GPU once per
+`tuning_key` (GPU architecture, T's power-of-two bucket, d, N, R', causal, key mask, dtype,
+precision); under the interpreter (TRITON_INTERPRET=1) one small fixed tile runs instead.
 
 Dimensions: B rows, H heads, T tokens, d head size, N prefix tokens, R the pool's padded rank
 R', S pool slots. This module imports triton at the top: only `kernels.dispatch` (and the
@@ -21,6 +22,7 @@ ahead-of-time check, `kernels.aot`) import it, and only when a GPU or the interp
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -62,7 +64,8 @@ def candidate_tiles(
     fp32 (ieee dots take twice the registers) only 64-row tiles on 8 warps."""
 
     def keep(c: triton.Config) -> bool:
-        block_m, block_n, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
+        block_m, block_n = int(c.kwargs["BLOCK_M"]), int(c.kwargs["BLOCK_N"])
+        warps = int(c.num_warps)
         if block_m > max(64, _pow2(tokens)):
             return False
         if dtype == torch.float32:
@@ -74,7 +77,9 @@ def candidate_tiles(
     return [c for c in configs if keep(c)] or configs[:1]
 
 
-def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+def prune_configs(
+    configs: list[triton.Config], named_args: dict, **kwargs: Any
+) -> list[triton.Config]:
     """The autotuner's early prune: `candidate_tiles` for this launch's T, dtype and GPU."""
     q = named_args["Q"]
     major, minor = torch.cuda.get_device_capability(q.device)
@@ -103,11 +108,28 @@ def _softmax_step(acc, m_i, l_i, s, v, DOT_FP32: tl.constexpr, PRECISION: tl.con
 
 @triton.jit
 def _token_blocks(
-    acc, m_i, l_i, q, k_row, v_row, mask_row, offs_m, offs_d, d_ok, lo, hi, T,
-    stride_kt, stride_vt, qk_scale,
-    DIAGONAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_row,
+    v_row,
+    mask_row,
+    offs_m,
+    offs_d,
+    d_ok,
+    lo,
+    hi,
+    T,
+    stride_kt,
+    stride_vt,
+    qk_scale,
+    DIAGONAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Keys lo..hi of this row and head; DIAGONAL applies the causal mask (keys <= query)."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -130,15 +152,40 @@ def _token_blocks(
 
 @triton.jit
 def _prefix_attention_kernel(
-    Q, K, V, Out, Slot, UK, MK, UV, MV, KeyMask,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_ob, stride_oh, stride_ot,
-    stride_us, stride_un,
-    stride_ms, stride_mr,
+    Q,
+    K,
+    V,
+    Out,
+    Slot,
+    UK,
+    MK,
+    UV,
+    MV,
+    KeyMask,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_us,
+    stride_un,
+    stride_ms,
+    stride_mr,
     stride_maskb,
-    H, T, N, R, S, HEAD_DIM, qk_scale,
+    H,
+    T,
+    N,
+    R,
+    S,
+    HEAD_DIM,
+    qk_scale,
     CAUSAL: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -148,7 +195,7 @@ def _prefix_attention_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
-):  # fmt: skip
+):
     m_blocks = tl.cdiv(T, BLOCK_M)
     pid = tl.program_id(0)
     pid_bh = pid // m_blocks
@@ -187,15 +234,53 @@ def _prefix_attention_kernel(
     if CAUSAL:
         diagonal = pid_m * BLOCK_M  # BLOCK_M is a multiple of BLOCK_N
     acc, m_i, l_i = _token_blocks(
-        acc, m_i, l_i, q, k_row, v_row, mask_row, offs_m, offs_d, d_ok, 0, diagonal, T,
-        stride_kt, stride_vt, qk_scale, False, HAS_KEY_MASK, DOT_FP32, PRECISION, BLOCK_N,
-    )  # fmt: skip
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_row,
+        v_row,
+        mask_row,
+        offs_m,
+        offs_d,
+        d_ok,
+        0,
+        diagonal,
+        T,
+        stride_kt,
+        stride_vt,
+        qk_scale,
+        False,
+        HAS_KEY_MASK,
+        DOT_FP32,
+        PRECISION,
+        BLOCK_N,
+    )
     if CAUSAL:
         hi = tl.minimum(T, (pid_m + 1) * BLOCK_M)
         acc, m_i, l_i = _token_blocks(
-            acc, m_i, l_i, q, k_row, v_row, mask_row, offs_m, offs_d, d_ok, diagonal, hi, T,
-            stride_kt, stride_vt, qk_scale, True, HAS_KEY_MASK, DOT_FP32, PRECISION, BLOCK_N,
-        )  # fmt: skip
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_row,
+            v_row,
+            mask_row,
+            offs_m,
+            offs_d,
+            d_ok,
+            diagonal,
+            hi,
+            T,
+            stride_kt,
+            stride_vt,
+            qk_scale,
+            True,
+            HAS_KEY_MASK,
+            DOT_FP32,
+            PRECISION,
+            BLOCK_N,
+        )
 
     # Prefix: K_p^T / V_p tiles rebuilt from this slot's U tiles; slot -1 runs zero times.
     n_prefix = tl.where(in_pool, N, 0)
@@ -218,12 +303,40 @@ def _prefix_attention_kernel(
     tl.store(o_ptrs, out.to(dtype), mask=(offs_m[:, None] < T) & d_ok[None, :])
 
 
-_tuned_kernel = triton.autotune(
-    configs=tile_configs(),
-    key=["HEAD_DIM", "N", "R", "CAUSAL"],  # the autotuner adds every tensor argument's dtype
-    prune_configs_by={"early_config_prune": prune_configs},
-)(_prefix_attention_kernel)
-_best: dict[tuple, dict[str, Any]] = {}  # (d, N, R', causal, dtype, precision) -> tile config
+# The autotuner keys on these arguments (and adds every tensor argument's dtype); the GPU's
+# architecture and T's bucket pick the autotuner itself (`_tuner`), as they pick the candidates.
+TUNING_ARGS = ["HEAD_DIM", "N", "R", "CAUSAL", "HAS_KEY_MASK"]
+_best: dict[tuple, dict[str, Any]] = {}  # tuning_key(...) -> tile config
+
+
+def tuning_key(
+    arch: int, tokens: int, head_dim: int, prefix_len: int, rank: int, meta: dict, dtype
+) -> tuple:
+    """What a tile choice depends on: the GPU (compute capability, e.g. 90), T's bucket (the
+    next power of two: `candidate_tiles` prunes by it and timings follow it), d, N, R', the
+    causal and key-mask variants, the dtype and the fp32 dot precision."""
+    return (
+        arch,
+        _pow2(tokens),
+        head_dim,
+        prefix_len,
+        rank,
+        meta["CAUSAL"],
+        meta["HAS_KEY_MASK"],
+        dtype,
+        meta["PRECISION"],
+    )
+
+
+@functools.cache
+def _tuner(arch: int, token_bucket: int) -> Any:
+    """One autotuner per (GPU architecture, T bucket): Triton's own cache keys on arguments
+    only, so one shared autotuner would reuse the tiles the first T (or GPU) left in it."""
+    return triton.autotune(
+        configs=tile_configs(),
+        key=TUNING_ARGS,
+        prune_configs_by={"early_config_prune": prune_configs},
+    )(_prefix_attention_kernel)
 
 
 def prefix_attention(
@@ -246,7 +359,7 @@ def prefix_attention(
     args, meta = launch_args(
         q, k, v, task_slot, U_K, M_K, U_V, M_V, causal, key_padding_mask, fp32_precision
     )
-    out = args[3]
+    out: Tensor = args[3]
     if INTERPRETING or not q.is_cuda:
         _prefix_attention_kernel[(_programs(q, meta["BLOCK_M"]),)](*args, **meta)
         return out
@@ -285,11 +398,31 @@ def launch_args(
     out = q.new_empty(rows, tokens, heads, head_dim).transpose(1, 2)  # [B, H, T, d] view
     key_mask = task_slot if key_padding_mask is None else _as_bytes(key_padding_mask)
     args = [
-        q, k, v, out, task_slot, U_K, M_K, U_V, M_V, key_mask,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        *U_K.stride()[:2], *M_K.stride()[:2], key_mask.stride(0),
-        heads, tokens, prefix_len, rank, slots, head_dim, head_dim**-0.5 * LOG2_E,
-    ]  # fmt: skip
+        q,
+        k,
+        v,
+        out,
+        task_slot,
+        U_K,
+        M_K,
+        U_V,
+        M_V,
+        key_mask,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *out.stride()[:3],
+        *U_K.stride()[:2],
+        *M_K.stride()[:2],
+        key_mask.stride(0),
+        heads,
+        tokens,
+        prefix_len,
+        rank,
+        slots,
+        head_dim,
+        head_dim**-0.5 * LOG2_E,
+    ]
     interpret_bf16 = INTERPRETING and q.dtype == torch.bfloat16
     meta = {
         "CAUSAL": causal,
@@ -350,11 +483,14 @@ def check_kernel_layout(
 def _launch_tuned(q: Tensor, args: list, meta: dict[str, Any]) -> None:
     """The first call per key runs Triton's autotuner; later calls launch its pick directly
     (the autotuner's own per-call bookkeeping costs microseconds)."""
-    key = (args[-2], args[-5], args[-4], meta["CAUSAL"], q.dtype, meta["PRECISION"])
+    major, minor = torch.cuda.get_device_capability(q.device)
+    tokens, head_dim, prefix_len, rank = q.shape[2], args[-2], args[-5], args[-4]
+    key = tuning_key(10 * major + minor, tokens, head_dim, prefix_len, rank, meta, q.dtype)
     tiles = _best.get(key)
     if tiles is None:
-        _tuned_kernel[lambda m: (_programs(q, m["BLOCK_M"]),)](*args, **meta)
-        config = _tuned_kernel.best_config
+        tuner = _tuner(key[0], key[1])
+        tuner[lambda m: (_programs(q, m["BLOCK_M"]),)](*args, **meta)
+        config = tuner.best_config
         tiles = _best[key] = {
             **config.kwargs,
             "num_warps": config.num_warps,
@@ -366,11 +502,11 @@ def _launch_tuned(q: Tensor, args: list, meta: dict[str, Any]) -> None:
 
 def _programs(q: Tensor, block_m: int) -> int:
     rows, heads, tokens, _ = q.shape
-    return triton.cdiv(tokens, block_m) * rows * heads
+    return int(triton.cdiv(tokens, block_m)) * rows * heads
 
 
 def _pow2(size: int) -> int:
-    return max(MIN_DOT, triton.next_power_of_2(size))
+    return max(MIN_DOT, int(triton.next_power_of_2(size)))
 
 
 def _as_bytes(key_padding_mask: Tensor) -> Tensor:

@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     config = lpi.PromptConfig(layers=args.prompt_layers or min(9, depth))
     bank = lpi.PromptBank()
-    bank.add("demo", lpi.TaskPrompts.for_backbone(config, backbone))
+    prompts = lpi.TaskPrompts.for_backbone(config, backbone)
+    bank.add("demo", prompts)
     with torch.inference_mode():
         bare = backbone.encode_image(pixels), backbone.encode_text(tokens)
         image_prefix, _ = bank.prefixes(backbone, ["demo"] * len(pixels))
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
         "fingerprint": lpi.fingerprint(backbone)[:16],
         "embed_dim": backbone.config.embed_dim,
         "texts": texts,
-        "task_parameters": bank.tasks["demo"].num_parameters(),
+        "task_parameters": prompts.num_parameters(),
         "image_text_cosine": {
             "no_task": (bare[0] @ bare[1].T).tolist(),
             "random_task": (prompted[0] @ prompted[1].T).tolist(),

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 TEMP_GLOB = ".*.tmp"  # what a killed writer may leave behind (for sweeps)
 
@@ -22,9 +23,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path to write `path` through; it replaces `path` when the block ends."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
-    temp = Path(temp)
+    temp = Path(name)
     try:
         yield temp
         with open(temp, "rb") as written:
@@ -40,6 +41,6 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def write_json(path: str | Path, data, **options) -> Path:
+def write_json(path: str | Path, data: object, **options: Any) -> Path:
     """JSON, indented by 2 unless `options` say otherwise, with a final newline."""
     return write_text(path, json.dumps(data, **({"indent": 2} | options)) + "\n")

@@ -1,4 +1,4 @@
-"""The frozen CLIP backbone (spec section 1) with a per-layer prefix key/value input (section 3).
+"""The frozen CLIP backbone (METHOD.md §1) with a per-layer prefix key/value input (section 3).
 
 Parameter names are OpenAI's (which open_clip keeps), so real checkpoints load with
 `strict=True`. Tensors are batch-first: B rows, T tokens, D width, E embedding size.
@@ -7,12 +7,13 @@ Parameter names are OpenAI's (which open_clip keeps), so real checkpoints load w
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import attention_over_prefix, prefix_attention, visibility_mask
+from kernels import attention_backend, attention_over_prefix, prefix_attention, visibility_mask
 from lpi.config import ClipConfig, TextConfig, VisionConfig
 from lpi.prefix import LayerPrefix, Prefix, SlotLayerPrefix, SlotPrefix
 
@@ -45,7 +46,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(hidden, width)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        out: Tensor = self.c_proj(self.gelu(self.c_fc(x)))
+        return out
 
 
 class SelfAttention(nn.Module):
@@ -87,7 +89,8 @@ class SelfAttention(nn.Module):
             out = attention_over_prefix(q, k, v, prefix_k, prefix_v, mask, causal)
         else:
             out = attention_over_prefix(q, k, v, None, None, None, causal)
-        return self.out_proj(merge_heads(out))
+        projected: Tensor = self.out_proj(merge_heads(out))
+        return projected
 
 
 class ResidualBlock(nn.Module):
@@ -112,7 +115,8 @@ class ResidualBlock(nn.Module):
         causal: bool = False,
     ) -> Tensor:
         x = x + self.attn(self.ln_1(x), prefix, mask, causal)
-        return x + self.mlp(self.ln_2(x))
+        out: Tensor = x + self.mlp(self.ln_2(x))
+        return out
 
 
 class Transformer(nn.Module):
@@ -122,7 +126,15 @@ class Transformer(nn.Module):
             ResidualBlock(width, heads, mlp_ratio, act, eps) for _ in range(layers)
         )
 
+    @property
+    def blocks(self) -> list[ResidualBlock]:
+        """`resblocks` typed: a ModuleList's items are plain Modules to a type checker."""
+        return cast("list[ResidualBlock]", list(self.resblocks))
+
     def forward(self, x: Tensor, prefix: AnyPrefix | None, causal: bool) -> Tensor:
+        if isinstance(prefix, SlotPrefix) and attention_backend(x.device) == "reference":
+            # Off the fused kernel, every layer's per-row prefix is built here once, not per layer.
+            prefix = prefix.materialise()
         mask = None  # built once per forward pass and shared by every prompted layer
         if isinstance(prefix, Prefix):
             batch, tokens = x.shape[:2]
@@ -135,7 +147,7 @@ class Transformer(nn.Module):
         return x
 
 
-def _check_prefix(prefix: AnyPrefix | None, tower: str, batch: int, width: int, depth: int):
+def _check_prefix(prefix: AnyPrefix | None, tower: str, batch: int, width: int, depth: int) -> None:
     if prefix is None:
         return
     if not isinstance(prefix, Prefix | SlotPrefix):
@@ -171,11 +183,18 @@ class VisionTower(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, T, D]
         x = self.transformer(self.ln_pre(x), prefix, causal=False)
-        return self.ln_post(x[:, 0]) @ self.proj  # [B, E]
+        pooled: Tensor = self.ln_post(x[:, 0])  # [B, D]
+        return (pooled @ self.proj).float()  # [B, E] float32 in any weight dtype
 
 
 class Backbone(nn.Module):
-    """CLIP image and text towers; `encode_*` return L2-normalised [B, E] features."""
+    """CLIP image and text towers; `encode_*` return L2-normalised [B, E] float32 features.
+
+    The weights may be cast to bfloat16 or float16 (`lpi.precision.cast_backbone`): inputs stay
+    float32 pixels or integer ids, and the features are normalised in float32 either way.
+    """
+
+    float32_fingerprint: str | None = None  # set by a cast: the weights' name stays float32's
 
     def __init__(self, config: ClipConfig):
         super().__init__()
@@ -193,12 +212,12 @@ class Backbone(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         init_weights(self)
 
-    def blocks(self, modality: str) -> nn.ModuleList:
+    def blocks(self, modality: str) -> list[ResidualBlock]:
         """The residual blocks of the image (`"v"`) or text (`"t"`) tower."""
         if modality == "v":
-            return self.visual.transformer.resblocks
+            return self.visual.transformer.blocks
         if modality == "t":
-            return self.transformer.resblocks
+            return self.transformer.blocks
         raise ValueError(f"modality must be 'v' or 't', got {modality!r}")
 
     def encode_image(self, pixels: Tensor, prefix: AnyPrefix | None = None) -> Tensor:
@@ -239,7 +258,7 @@ class Backbone(nn.Module):
         x = x + self.positional_embedding[: token_ids.shape[1]].to(x.dtype)
         x = self.transformer(x, prefix, causal=True)
         x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])  # [B, D]
-        return F.normalize(x @ self.text_projection, dim=-1)
+        return F.normalize((x @ self.text_projection).float(), dim=-1)  # float32 in any dtype
 
     def _check_tokens(self, token_ids: Tensor) -> Tensor:
         text = self.config.text
@@ -276,7 +295,7 @@ def init_weights(model: Backbone) -> None:
     ):
         attn_std = tower.width**-0.5
         proj_std = attn_std * (2 * tower.layers) ** -0.5
-        for block in transformer.resblocks:
+        for block in transformer.blocks:
             nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
             nn.init.zeros_(block.attn.out_proj.bias)

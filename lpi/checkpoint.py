@@ -1,6 +1,6 @@
 """The one module that reads backbone weights: formats, key layouts, architecture inference.
 
-Accepted, always from a local path (nothing is ever downloaded):
+Accepted from a local path:
 - an OpenAI TorchScript archive (`ViT-B-16.pt` as OpenAI ships it);
 - an OpenAI or open_clip state dict in `.pt`/`.pth`/`.bin` (read with `weights_only=True`,
   so nothing is unpickled) or `.safetensors`, optionally nested under `state_dict` and with a
@@ -8,6 +8,9 @@ Accepted, always from a local path (nothing is ever downloaded):
 - a Hugging Face `CLIPModel` folder (`config.json` + `model.safetensors` or
   `pytorch_model.bin`);
 - a preset name (`tiny`, `ViT-B-16`, ...) for random weights.
+
+Or by name, from the Hugging Face cache (`lpi.hub`; downloaded only with `allow_download=True`):
+an open_clip pretrained tag (`ViT-B-32:openai`), `hf-hub:ORG/NAME`, or a `CLIPModel` id `ORG/NAME`.
 
 The architecture is inferred from the weights (OpenAI's convention: 64-wide attention heads)
 unless the file carries an `lpi.config` entry in its safetensors metadata, as files written
@@ -51,16 +54,33 @@ def load_backbone(
     activation: str | None = None,
     config: ClipConfig | None = None,
     seed: int = 0,
+    allow_download: bool = False,
+    dtype: torch.dtype | str | None = None,
 ) -> Backbone:
-    """A frozen backbone in eval mode from a local checkpoint path or a preset name.
+    """A frozen backbone in eval mode from a local checkpoint path, a model name or a preset.
 
     What the weights cannot say can be given: a whole `config` (e.g. a head count other than
     width / 64) replaces the inferred or stored one, and `activation` ("quick_gelu" for OpenAI
     weights, the default; "gelu" for open_clip models trained without QuickGELU) overrides
-    whichever config is used. `seed` fixes the random weights of a preset.
+    whichever config is used (a model name brings its own, from `lpi.pretrained` or the
+    repository's config). `seed` fixes the random weights of a preset. A model name is read
+    from the Hugging Face cache, and fetched into it only if `allow_download`. `dtype`
+    (float32, bfloat16, float16 or "auto", see `lpi.precision`) casts the weights once after
+    loading; the fingerprint stays the float32 weights'.
     """
     source = str(path_or_preset)
-    if source in preset_names() and not Path(source).exists():
+    kind = source_kind(source)
+    if kind == "hub":
+        from lpi import hub
+
+        resolved = hub.resolve(source, allow_download=allow_download)
+        try:
+            state, inferred = read_checkpoint(resolved.path)
+            inferred = resolved.apply(inferred)
+            model = build_from_state_dict(state, with_activation(config or inferred, activation))
+        except CheckpointError as err:
+            raise CheckpointError(f"model {source!r}: {err}") from err
+    elif kind == "preset":
         if config is not None:
             raise CheckpointError(
                 f"config= replaces the architecture of a checkpoint; {source!r} is a preset, "
@@ -72,7 +92,27 @@ def load_backbone(
         state, inferred = read_checkpoint(Path(source))
         model = build_from_state_dict(state, with_activation(config or inferred, activation))
     model.requires_grad_(False)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if dtype is not None:
+        from lpi.precision import cast_backbone, resolve_dtype
+
+        if isinstance(dtype, str):
+            widest = max(model.config.vision.width, model.config.text.width)
+            dtype = resolve_dtype(dtype, torch.device(device), width=widest).dtype
+        model = cast_backbone(model, dtype)
+    return model
+
+
+def source_kind(source: str) -> str:
+    """'path' (an existing file or folder wins), 'preset' (random weights), 'hub' (a model
+    name), or 'path' again for anything else, which `read_checkpoint` then reports missing."""
+    from lpi.hub import is_model_name
+
+    if Path(source).exists():
+        return "path"
+    if source in preset_names():
+        return "preset"
+    return "hub" if is_model_name(source) else "path"
 
 
 def with_activation(config: ClipConfig, activation: str | None) -> ClipConfig:
@@ -88,7 +128,8 @@ def read_checkpoint(path: Path) -> tuple[dict, ClipConfig]:
     """OpenAI-layout state dict and its architecture from any supported file or folder."""
     if not path.exists():
         raise CheckpointError(
-            f"{path} does not exist (and is not a preset: {', '.join(preset_names())})"
+            f"{path} does not exist (and is not a preset: {', '.join(preset_names())}; "
+            f"nor a model name: ViT-B-32:openai, hf-hub:ORG/NAME, ORG/NAME)"
         )
     config_dict = None
     if path.is_dir():
@@ -154,7 +195,13 @@ def save_backbone(model: Backbone, path: str | Path) -> Path:
 
 
 def fingerprint(model: Backbone) -> str:
-    """sha256 of the architecture and every weight: names what vectors were made with."""
+    """sha256 of the architecture and every weight: names what vectors were made with.
+
+    A backbone cast by `lpi.precision.cast_backbone` keeps its float32 weights' fingerprint.
+    """
+    cast_from = model.float32_fingerprint
+    if cast_from is not None and next(model.parameters()).dtype != torch.float32:
+        return cast_from
     digest = hashlib.sha256(model.config.to_json().encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -193,7 +240,8 @@ def _read_torchscript(path: Path) -> dict:
     try:
         with warnings.catch_warnings():  # torch deprecates jit; OpenAI's files still need it
             warnings.simplefilter("ignore", FutureWarning)
-            return torch.jit.load(str(path), map_location="cpu").state_dict()
+            state: dict = torch.jit.load(str(path), map_location="cpu").state_dict()
+            return state
     except Exception as err:
         raise CheckpointError(f"{path}: not a readable TorchScript archive ({err})") from err
 

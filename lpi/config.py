@@ -99,7 +99,7 @@ def load_preset(name: str) -> ClipConfig:
 
 @dataclass(frozen=True)
 class PromptConfig:
-    """Shapes of one task's low-rank deep prompts (spec section 2).
+    """Shapes of one task's low-rank deep prompts (METHOD.md §2).
 
     J prompted layers, N prompt tokens per modality, rank R of the CP factors, rank R_i of
     the interaction maps, mixing weight alpha; `interaction=False` is the ablation P' = P.

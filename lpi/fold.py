@@ -1,4 +1,4 @@
-"""Folding a task into per-layer prefix factors K_p = U @ M (spec section 6).
+"""Folding a task into per-layer prefix factors K_p = U @ M (METHOD.md §6).
 
 Serving never rebuilds prompts on the hot path: for each encoder and prompted layer the prefix
 keys (and values) are stored as U [N, R'] and M [R', D]. Without the interaction the fold is
@@ -16,13 +16,18 @@ checked: |U @ M - K_p| / |K_p| < 1e-5. Dimensions: J layers, N tokens, R rank, D
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lpi.prompts import DensePrompts, TaskPrompts
+
+if TYPE_CHECKING:
+    from lpi.backbone import Backbone, ResidualBlock
 
 FOLD_TOLERANCE = 1e-5
 SVD_RELATIVE_CUTOFF = 1e-7
@@ -103,13 +108,13 @@ def _pad_rank(factors: list[Tensor], dim: int) -> Tensor:
     return torch.stack(padded)
 
 
-def _layer_projections(block) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+def _layer_projections(block: ResidualBlock) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     weights = block.attn.in_proj_weight.detach().double().chunk(3)
     biases = block.attn.in_proj_bias.detach().double().chunk(3)
     return (weights[1], biases[1]), (weights[2], biases[2])
 
 
-def materialise_prefix64(blocks, prompts: Tensor) -> tuple[Tensor, Tensor]:
+def materialise_prefix64(blocks: Sequence[ResidualBlock], prompts: Tensor) -> tuple[Tensor, Tensor]:
     """Float64 prefix keys and values [J, N, D] of prompts [J, N, D]: the fold's reference."""
     keys, values = [], []
     for j in range(prompts.shape[0]):
@@ -123,8 +128,10 @@ def materialise_prefix64(blocks, prompts: Tensor) -> tuple[Tensor, Tensor]:
     return torch.stack(keys), torch.stack(values)
 
 
-def _fold_tower_closed_form(blocks, layer: Tensor, token: Tensor, embed: Tensor) -> FoldedTower:
-    parts = {"key_u": [], "key_m": [], "value_u": [], "value_m": []}
+def _fold_tower_closed_form(
+    blocks: Sequence[ResidualBlock], layer: Tensor, token: Tensor, embed: Tensor
+) -> FoldedTower:
+    parts: dict[str, list[Tensor]] = {"key_u": [], "key_m": [], "value_u": [], "value_m": []}
     for j in range(layer.shape[0]):
         ln = blocks[j].ln_1
         gamma, beta = ln.weight.detach().double(), ln.bias.detach().double()
@@ -135,9 +142,9 @@ def _fold_tower_closed_form(blocks, layer: Tensor, token: Tensor, embed: Tensor)
     return _stack_tower(parts)
 
 
-def _fold_tower_svd(blocks, prompts: Tensor) -> FoldedTower:
+def _fold_tower_svd(blocks: Sequence[ResidualBlock], prompts: Tensor) -> FoldedTower:
     keys, values = materialise_prefix64(blocks, prompts)
-    parts = {"key_u": [], "key_m": [], "value_u": [], "value_m": []}
+    parts: dict[str, list[Tensor]] = {"key_u": [], "key_m": [], "value_u": [], "value_m": []}
     for j in range(prompts.shape[0]):
         for kind, prefix in (("key", keys[j]), ("value", values[j])):
             u, m = factor_by_svd(prefix)
@@ -155,11 +162,20 @@ def _stack_tower(parts: dict[str, list[Tensor]]) -> FoldedTower:
     )
 
 
-def fold_task(backbone, prompts: TaskPrompts | DensePrompts) -> FoldedTask:
+def fold_task(backbone: Backbone, prompts: TaskPrompts | DensePrompts) -> FoldedTask:
     """A task's float64 prefix factors for both towers, checked against the materialised prefix.
 
-    Closed form for LPI without the interaction; SVD with it and for dense prompts.
+    Closed form for LPI without the interaction; SVD with it and for dense prompts. The
+    backbone must hold float32 (or float64) weights: a half-precision cast would fold its
+    rounded LN and projection weights into every task, so serve-time casts fold first and cast
+    the factors after (server.engine).
     """
+    weight = backbone.blocks("v")[0].attn.in_proj_weight
+    if weight.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"fold_task needs the float32 backbone, got {weight.dtype} weights: fold against "
+            "the float32 weights and cast the folded factors (FoldedTask.image.to(dtype))"
+        )
     prompts64 = copy.deepcopy(prompts).double().requires_grad_(False)
     with torch.no_grad():
         prompts_v, prompts_t = prompts64()

@@ -134,7 +134,7 @@ def _square(value: int | list | tuple, name: str) -> int:
     if isinstance(value, list | tuple):
         if len(value) != 2 or value[0] != value[1]:
             raise ValueError(f"vision {name} {value} is not square")
-        value = value[0]
+        return int(value[0])
     return int(value)
 
 

@@ -1,4 +1,4 @@
-"""The cross-modal interaction (correlation module) of LPI, spec section 2.
+"""The cross-modal interaction (correlation module) of LPI, METHOD.md §2.
 
 For layers j >= 1, per task, a text->image and an image->text affine map, each a CP tensor
 over layers with rank R_i (the last row of F is the bias):

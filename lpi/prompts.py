@@ -1,4 +1,4 @@
-"""One task's deep prompts as low-rank CP factors, with the cross-modal interaction (spec s. 2).
+"""One task's deep prompts as low-rank CP factors, with the cross-modal interaction (METHOD.md §2).
 
     P_m[j] = (1/R) * B_m @ diag(A[j]) @ C_m.T             # N x D_m, m in {v, t}
 
@@ -8,12 +8,18 @@ each. Dimensions: J prompted layers, N prompt tokens, R rank, D_v / D_t tower wi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
 from lpi.config import PromptConfig
 from lpi.interaction import PromptInteraction
 from lpi.prefix import Prefix, batch_prefix, task_prefix
+
+if TYPE_CHECKING:
+    from lpi.backbone import Backbone
 
 
 def cp_prompts(layer: Tensor, token: Tensor, embed: Tensor) -> Tensor:
@@ -41,7 +47,7 @@ class TaskPrompts(nn.Module):
         )
 
     @classmethod
-    def for_backbone(cls, config: PromptConfig, backbone) -> TaskPrompts:
+    def for_backbone(cls, config: PromptConfig, backbone: Backbone) -> TaskPrompts:
         config.check_fits(backbone.config)
         return cls(config, backbone.config.vision.width, backbone.config.text.width)
 
@@ -54,7 +60,8 @@ class TaskPrompts(nn.Module):
         prompts_v, prompts_t = self.raw_prompts()
         if self.interaction is None:
             return prompts_v, prompts_t
-        return self.interaction(prompts_v, prompts_t)
+        interacted: tuple[Tensor, Tensor] = self.interaction(prompts_v, prompts_t)
+        return interacted
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -77,7 +84,7 @@ class DensePrompts(nn.Module):
         self.P_t = nn.Parameter(torch.randn(*shape, text_width) * std)  # [J, N, D_t]
 
     @classmethod
-    def for_backbone(cls, config: PromptConfig, backbone) -> DensePrompts:
+    def for_backbone(cls, config: PromptConfig, backbone: Backbone) -> DensePrompts:
         config.check_fits(backbone.config)
         return cls(config, backbone.config.vision.width, backbone.config.text.width)
 
@@ -110,7 +117,7 @@ class DensePrompts(nn.Module):
 class PromptBank(nn.Module):
     """Every task's prompts by name; builds the prefixes of a batch that mixes tasks."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.tasks = nn.ModuleDict()
 
@@ -122,7 +129,9 @@ class PromptBank(nn.Module):
     def names(self) -> list[str]:
         return list(self.tasks.keys())
 
-    def prefixes(self, backbone, row_tasks: list[str | None]) -> tuple[Prefix, Prefix]:
+    def prefixes(
+        self, backbone: Backbone, row_tasks: Sequence[str | None]
+    ) -> tuple[Prefix, Prefix]:
         """Image and text prefixes for rows naming their task (None: the bare backbone)."""
         if len(row_tasks) == 0:
             raise ValueError("row_tasks is empty")

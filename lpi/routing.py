@@ -3,7 +3,7 @@
 Spec section 5, after S-Prompts (Wang et al., NeurIPS 2022): after task k, 5 K-Means centres of
 the frozen, unprompted image features of its training data and 5 of the text features; a query
 goes to the task that owns the nearest centre by cosine distance 1 - <x, c>. (The original code
-used L1 distance; the spec chooses cosine, so the K-Means here is spherical to match.)
+used L1 distance; the method chooses cosine, so the K-Means here is spherical to match.)
 
 Dimensions: N points, E embedding, M centres, B queries.
 """
@@ -37,7 +37,46 @@ def unit_rows(features: Tensor, width: int | None = None, name: str = "features"
     norms = features.norm(dim=1, keepdim=True)  # [N, 1]
     if (norms == 0).any():
         raise ValueError(f"{name} hold a zero vector, which has no direction")
-    return features / norms
+    unit: Tensor = features / norms
+    return unit
+
+
+def check_centres(centres: Tensor, width: int | None = None, name: str = "centres") -> Tensor:
+    """Centres [M, E] as routing keeps them: floating point, 2-D, non-empty, finite, unit-norm
+    rows (to a float32 round trip); returns them float32 on the CPU, else ValueError."""
+    if not isinstance(centres, Tensor) or not centres.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor [M, E]")
+    unit = unit_rows(centres, width, name)
+    if not torch.allclose(unit, centres.to(unit.dtype), atol=1e-4):  # float32 round trip
+        raise ValueError(f"{name} are not unit-norm")
+    return centres.float().cpu()
+
+
+def usable_centres(
+    centres: Mapping[str, Mapping[str, Tensor]], width: int | None = None
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:
+    """Split tasks' centres into those routing can use and those it must skip (task -> why).
+
+    Defensive: one task's unusable keys (a wrong width, no direction, one modality missing)
+    must leave routing to the others, never fail it for every caller. `width` is E when
+    known; otherwise the first usable task fixes it.
+    """
+    usable: dict[str, dict[str, Tensor]] = {}
+    skipped: dict[str, str] = {}
+    for task, per_modality in centres.items():
+        try:
+            missing = [m for m in MODALITIES if m not in per_modality]
+            if missing:
+                raise ValueError(f"no {missing[0]} centres")
+            checked = {m: check_centres(per_modality[m], width, f"{m} centres") for m in MODALITIES}
+            if checked["text"].shape[1] != checked["image"].shape[1]:
+                raise ValueError("image and text centres differ in width")
+        except ValueError as err:
+            skipped[task] = str(err)
+            continue
+        usable[task] = checked
+        width = checked["image"].shape[1]
+    return usable, skipped
 
 
 def _kmeans_plus_plus(points: Tensor, clusters: int, generator: torch.Generator) -> Tensor:
@@ -237,14 +276,12 @@ class TaskKeys:
             centres, owner = state[f"{modality}.centres"], state[f"{modality}.task"]
             if owner.ndim != 1 or owner.dtype != torch.long or centres.shape[:1] != owner.shape:
                 raise ValueError(f"{modality}: need centres [M, E] and a LongTensor task [M]")
-            width = width if width is not None else centres.shape[-1]
-            unit = unit_rows(centres, width, f"{modality} centres")
-            if not torch.allclose(unit, centres.to(unit.dtype), atol=1e-4):  # float32 round trip
-                raise ValueError(f"{modality} centres are not unit-norm")
+            width = width if width is not None or centres.ndim != 2 else centres.shape[-1]
+            # kept bit for bit (as float32): routing must not shift on reload
+            saved = check_centres(centres, width, f"{modality} centres")
             counts = torch.bincount(owner.clamp_min(0), minlength=len(names))
             if owner.min() < 0 or len(counts) != len(names) or (counts == 0).any():
                 raise ValueError(f"{modality}: every task needs centres and every centre a task")
-            saved = centres.float().cpu()  # kept bit for bit: routing must not shift on reload
             keys._centres[modality] = [saved[owner == i] for i in range(len(names))]
         keys._names = names
         return keys
@@ -264,4 +301,5 @@ def routing_accuracy(predicted: Tensor | Sequence, true: Tensor | Sequence) -> f
         raise ValueError(
             f"need as many predictions as labels, at least one: {len(predicted)}, {len(true)}"
         )
-    return 100.0 * sum(p == t for p, t in zip(predicted, true, strict=True)) / len(true)
+    hits = sum(bool(p == t) for p, t in zip(predicted, true, strict=True))
+    return 100.0 * hits / len(true)

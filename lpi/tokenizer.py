@@ -8,9 +8,10 @@ The same function as open_clip's `SimpleTokenizer` (tests/test_tokenizer.py comp
    (most captions: ftfy alone costs more than everything else here together).
 2. Split into words with CLIP's pattern: the `regex` module and the very pattern and flags
    open_clip uses; for that plain ASCII an equivalent stdlib pattern, which is faster.
-3. Each word -> ids by byte-level BPE over OpenAI's merges (Rust, `tokenizers`). Words are
-   memoised, as CLIP memoises its own BPE, so a batch of captions costs Python lookups and only
-   its words not seen before reach the BPE.
+3. Each word -> ids by byte-level BPE over OpenAI's merges (Rust, `tokenizers`). Short words
+   are memoised, as CLIP memoises its own BPE, so a batch of captions costs Python lookups and
+   only its words not seen before reach the BPE; the memo is bounded in words and in ids.
+   Words past the context never reach the BPE (each word gives at least one id).
 
 The vocabulary (lpi/vocab/, MIT, see its LICENSE) is checked against its sha256 when loaded.
 Texts longer than the context are truncated as CLIP does (the last kept position becomes
@@ -24,6 +25,7 @@ import hashlib
 import html
 import logging
 import re
+import threading
 from functools import lru_cache
 from importlib import resources
 from typing import TYPE_CHECKING
@@ -33,6 +35,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    import regex
     import tokenizers
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,11 @@ VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 MERGES = 49152 - 256 - 2  # CLIP uses the file's first 48,894 merges (after its header line)
 SPECIALS = ("<start_of_text>", "<end_of_text>")
-MEMO_WORDS = 1 << 16  # distinct words remembered (about 18 MB full); then the memo starts again
+MEMO_WORDS = 1 << 16  # distinct words remembered; then the memo starts again
+# Only short words are remembered: a caption's words are a few ids each, while one 4,096-letter
+# word is 2,285 ids (73 KB). So the memo holds at most MEMO_WORDS * MEMO_WORD_IDS ids (~60 MB).
+MEMO_WORD_CHARS = 64
+MEMO_WORD_IDS = 32
 
 # CLIP's word pattern (open_clip's SimpleTokenizer.pat), for the `regex` module.
 CLIP_WORD_PATTERN = (
@@ -59,7 +66,7 @@ _ASCII_WORD = re.compile(
 
 
 @lru_cache(maxsize=1)
-def _clip_words():
+def _clip_words() -> regex.Pattern[str]:
     import regex
 
     return regex.compile(CLIP_WORD_PATTERN, regex.IGNORECASE)
@@ -91,7 +98,7 @@ def load_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     if digest != VOCAB_SHA256:
         raise RuntimeError(f"lpi/vocab/{VOCAB_FILE} has sha256 {digest}, not {VOCAB_SHA256}")
     lines = gzip.decompress(data).decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : MERGES + 1]]
+    merges = [(a, b) for a, b in (line.split() for line in lines[1 : MERGES + 1])]
     symbols = byte_symbols()
     tokens = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges), *SPECIALS]
     return {token: index for index, token in enumerate(tokens)}, merges
@@ -100,8 +107,8 @@ def load_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
 class ClipTokenizer:
     """Texts -> CLIP BPE ids (no start or end-of-text): open_clip's `SimpleTokenizer.encode`.
 
-    Safe to share between threads: the memo only grows, and is replaced whole, never emptied
-    under a batch that reads it.
+    Safe to share between threads: readers never iterate the memo, one lock orders the writers,
+    and a full memo is replaced whole, never emptied under a batch that reads it.
     """
 
     def __init__(self, memo_words: int = MEMO_WORDS):
@@ -119,19 +126,46 @@ class ClipTokenizer:
         self._specials = {token: [vocab[token]] for token in SPECIALS}
         self._memo_words = memo_words
         self._memo = dict(self._specials)
+        self._memo_lock = threading.Lock()
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], limit: int | None = None) -> list[list[int]]:
+        """Each text's ids; with `limit`, only its first `limit` ids (the same ids as the whole
+        encoding's first `limit`): a word gives at least one id, so the words past the first
+        `limit` never reach the BPE."""
         rows = [split_words(text) for text in texts]
+        if limit is not None:
+            rows = [row[: max(limit, 0)] for row in rows]
         memo = self._memo
-        if len(memo) > self._memo_words:
-            memo = self._memo = dict(self._specials)
         missing = list({word for row in rows for word in row if word not in memo})
-        if missing:
-            memo.update(zip(missing, self._bpe_words(missing), strict=True))
-        return [[index for word in row for index in memo[word]] for row in rows]
+        fresh = dict(zip(missing, self._bpe_words(missing), strict=True)) if missing else {}
+        ids = [
+            [index for word in row for index in (fresh[word] if word in fresh else memo[word])]
+            for row in rows
+        ]
+        if fresh:
+            self._remember(fresh)
+        return ids if limit is None else [row[: max(limit, 0)] for row in ids]
+
+    def _remember(self, fresh: dict[str, list[int]]) -> None:
+        """Memoise the short words of `fresh`; past MEMO_WORDS the memo starts again (checked
+        after adding, so it never holds more than MEMO_WORDS words of MEMO_WORD_IDS ids)."""
+        short = {
+            word: ids
+            for word, ids in fresh.items()
+            if len(word) <= MEMO_WORD_CHARS and len(ids) <= MEMO_WORD_IDS
+        }
+        if not short:
+            return
+        with self._memo_lock:
+            memo = self._memo
+            if len(memo) + len(short) > self._memo_words + len(self._specials):
+                kept = dict(list(short.items())[: self._memo_words])
+                self._memo = self._specials | kept  # a new dict: readers keep the old one
+            else:
+                memo.update(short)
 
     def _bpe_words(self, words: list[str]) -> list[list[int]]:
         """Each word's ids, from one call: the words as one pre-split sequence, its ids grouped
@@ -140,6 +174,7 @@ class ClipTokenizer:
         encoding = self._bpe.encode(words, is_pretokenized=True, add_special_tokens=False)
         ids: list[list[int]] = [[] for _ in words]
         for index, word in zip(encoding.ids, encoding.word_ids, strict=True):
+            assert word is not None  # no special tokens added: every id is in a word
             ids[word].append(index)
         return ids
 
@@ -173,7 +208,9 @@ def token_ids(texts: str | list[str], context_length: int = CONTEXT_LENGTH) -> l
     tokenizer = clip_tokenizer()
     sot, eot = tokenizer.sot_token_id, tokenizer.eot_token_id
     rows, truncated = [], []
-    for row, bpe_ids in enumerate(tokenizer.encode_batch(list(texts))):
+    # context_length - 1 BPE ids tell a text that fits from one that is cut: BPE stops there.
+    limit = context_length - 1 if context_length >= 1 else None
+    for row, bpe_ids in enumerate(tokenizer.encode_batch(list(texts), limit)):
         ids = [sot, *bpe_ids, eot]
         if len(ids) > context_length:
             truncated.append(row)

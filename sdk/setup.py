@@ -11,9 +11,13 @@ ROOT = HERE.parent
 STAGE = HERE / "staged"
 SDK_FILES = [
     *(f"clients/{name}.py" for name in ("__init__", "__main__", "aio", "base", "cli", "errors")),
-    "clients/sync.py",
+    *(f"clients/{name}.py" for name in ("calls", "cli_inputs", "output", "tables", "sync")),
+    "clients/py.typed",
     "wire/__init__.py",
+    "wire/openai.py",
+    "wire/payloads.py",
     "wire/schema.py",
+    "wire/py.typed",
 ]
 
 if (ROOT / "clients").is_dir():  # building from the repository, not from an sdist
@@ -22,4 +26,8 @@ if (ROOT / "clients").is_dir():  # building from the repository, not from an sdi
         (STAGE / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(ROOT / name, STAGE / name)
 
-setup(packages=["clients", "wire"], package_dir={"": "staged"})
+setup(
+    packages=["clients", "wire"],
+    package_dir={"": "staged"},
+    package_data={"clients": ["py.typed"], "wire": ["py.typed"]},  # typed (PEP 561)
+)

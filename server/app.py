@@ -3,11 +3,15 @@
 No module-level state: each app owns its backbone, engine, registry, batcher, store and
 metrics, so tests can run several side by side. Start-up order: backbone (or the demo bundle),
 engine, store, registry (restoring the tasks of the last run), batcher; then, for the demo,
-its tasks and their test items. Shut-down drains the batcher, then closes the store.
+its tasks and their test items. With a backbone given, the lifespan waits for all of it; the
+demo bundle instead builds after the port opens (`server.startup`: /readyz says what builds,
+other routes answer 503 until it is done, shutdown cancels it). Shut-down drains the batcher,
+then closes the store.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from collections.abc import AsyncIterator
@@ -16,69 +20,146 @@ from pathlib import Path
 
 import torch
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 import lpi
+from lpi.continual.control import NO_CONTROL, Cancelled, Control
 from server.batcher import Batcher
+from server.docs import install_docs
 from server.engine import build_engine
 from server.errors import install_error_handlers
 from server.inputs import Limits
 from server.metrics import Metrics
 from server.middleware import BodyLimit, RequestMetrics
+from server.preflight import describe_backbone
 from server.registry import TaskRegistry
-from server.routes import embed, health, tasks, vectors
+from server.registry.restore import RESTORE_FAILURES
+from server.routes import embed, health, index, openai, points, tasks, ui, vectors
 from server.service import Service
 from server.settings import Settings
+from server.startup import StartingGate, Startup
 from wire import schema
 
 log = logging.getLogger("server.app")
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, *, assembly: Assembly | None = None) -> FastAPI:
+    """The app; `assembly` swaps how the store and the registry are built (the fleet's
+    replicas share both), everything else is the same."""
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = app.state
-        components = await _start(settings, metrics)
-        state.service, state.restore_failures, state.demo = components
+        bring_up = asyncio.create_task(_bring_up(state, settings, metrics, assembly))
         try:
-            if state.demo is not None:
-                await _serve_demo(state.service, state.demo)
-            yield
+            if settings.backbone is not None:
+                await bring_up  # a given backbone is loaded before the port opens
+            yield  # the demo bundle builds in the background: the port answers at once
         finally:
-            state.service.batcher.close()
-            state.service.registry.close()
-            state.service.store.close()
+            await state.startup.stop(bring_up)
+            if getattr(state, "service", None) is not None:
+                state.service.batcher.close()
+                state.service.registry.close()
+                state.service.store.close()
 
     app = FastAPI(
         title="lpi-serve",
         version="0.1.0",
         summary="Continual vision-language retrieval with hot-swappable low-rank task prompts.",
         lifespan=lifespan,
+        docs_url=None,  # server.docs serves them from package data: no CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.restore_failures = []
+    app.state.backbone_source = describe_backbone(settings)
+    app.state.startup = Startup()
     install_error_handlers(app)
-    for router in (embed.router, vectors.router, tasks.router, health.router):
+    routers = (
+        embed.router,
+        vectors.router,
+        points.router,
+        openai.router,
+        tasks.router,
+        health.router,
+        index.router,
+        ui.router,
+    )
+    for router in routers:
         app.include_router(router)
+    install_docs(app)
+    app.add_middleware(StartingGate, startup=app.state.startup)
     app.add_middleware(RequestMetrics, metrics=metrics, is_loaded=_loaded_in(app))
     app.add_middleware(
         BodyLimit,
         default_limit=settings.max_body_bytes,
         upload_limit=settings.max_artifact_bytes,
     )
+    if settings.cors_origins:  # outermost: a preflight is answered before any other check
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
     return app
 
 
-async def _start(settings: Settings, metrics: Metrics):
-    from starlette.concurrency import run_in_threadpool
+async def _bring_up(state, settings: Settings, metrics: Metrics, assembly=None) -> None:
+    """Every component (in a daemon thread), then the demo's tasks; `state.startup` says how
+    far it got. A failure with a given backbone is raised (uvicorn exits); a failed demo build
+    is reported by /readyz and stops `python -m server`."""
+    startup = state.startup
+    try:
+        components = await startup.run_in_thread(
+            build_service, settings, metrics, startup.control, assembly
+        )
+        state.service, state.restore_failures, state.demo = components
+        if state.demo is not None:
+            startup.report("indexing the demo's test images", 0.98)
+            await _serve_demo(state.service, state.demo)
+    except (Cancelled, asyncio.CancelledError):
+        raise
+    except Exception as error:
+        if settings.backbone is not None:
+            raise
+        startup.fail(error)
+        return
+    startup.finish()
 
-    return await run_in_threadpool(build_service, settings, metrics)
+
+class Assembly:
+    """How `build_service` makes the store and the registry; subclassed by `server.fleet`."""
+
+    def open_store(self, settings: Settings):
+        return open_store(settings)
+
+    def registry(self, settings: Settings, engine, store, backbone, metrics) -> TaskRegistry:
+        # An unload waits for the requests holding its task: each waits on the model at most
+        # request_timeout_s per encode, and the longest makes two (bare, then routed).
+        return TaskRegistry(
+            engine,
+            store,
+            settings.data_dir / "registry",
+            backbone,
+            metrics,
+            drain_timeout_s=2 * settings.request_timeout_s,
+        )
 
 
-def build_service(settings: Settings, metrics: Metrics) -> tuple[Service, list[str], object]:
-    """Every component, in start-up order; the demo bundle when no backbone is configured."""
+def build_service(
+    settings: Settings,
+    metrics: Metrics,
+    control: Control = NO_CONTROL,
+    assembly: Assembly | None = None,
+) -> tuple[Service, list[str], object]:
+    """Every component, in start-up order; the demo bundle when no backbone is configured.
+
+    `control` cancels the demo build and hears its progress (the bundle is 95% of it)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -86,17 +167,36 @@ def build_service(settings: Settings, metrics: Metrics) -> tuple[Service, list[s
     demo = None
     backbone_source = settings.backbone
     if backbone_source is None:
-        from server.demo import ensure_demo_bundle
+        from server.demo import SIZES, ensure_demo_bundle
 
-        demo = ensure_demo_bundle(settings.data_dir / "demo", tasks=settings.demo_tasks)
+        demo = ensure_demo_bundle(
+            settings.data_dir / "demo",
+            tasks=settings.demo_tasks,
+            sizes=SIZES[settings.demo_size],
+            control=control.part(0.0, 0.95),
+        )
         backbone_source = str(demo.backbone)
-    backbone = lpi.load_backbone(backbone_source, device=settings.device)
+    control.part(0.95, 0.98, "loading the backbone, engine and store").step(0, 1)
+    backbone = lpi.load_backbone(
+        backbone_source, device=settings.device, allow_download=settings.allow_download
+    )
     engine = build_engine(
-        settings.engine, backbone, device=settings.device, slots=settings.pool_slots,
-        max_rank=settings.pool_rank, onnx_dir=settings.onnx_dir, threads=settings.threads,
-    )  # fmt: skip
-    store = open_store(settings)
-    registry = TaskRegistry(engine, store, settings.data_dir / "registry", backbone, metrics)
+        settings.engine,
+        backbone,
+        device=settings.device,
+        slots=settings.pool_slots,
+        max_rank=settings.pool_rank,
+        onnx_dir=settings.onnx_dir,
+        threads=settings.threads,
+        precision=settings.onnx_precision,
+        dtype=settings.dtype,
+        cuda_graphs=settings.max_batch_size if settings.cuda_graphs else 0,
+    )
+    metrics.engine_info(engine)
+    assembly = assembly or Assembly()
+    store = assembly.open_store(settings)
+    metrics.watch_builds(store)
+    registry = assembly.registry(settings, engine, store, backbone, metrics)
     failures = registry.restore()
     batcher = Batcher(
         engine.encode,
@@ -112,12 +212,18 @@ def build_service(settings: Settings, metrics: Metrics) -> tuple[Service, list[s
         max_text_chars=settings.max_text_chars,
         image_size=engine.image_size,
         context_length=engine.context_length,
+        thumbnail_max_side=settings.thumbnail_max_side,
+        thumbnail_max_bytes=settings.thumbnail_max_bytes,
     )
     service = Service(engine, registry, batcher, store, limits, settings.request_timeout_s)
     log.info(
         "serving backbone %s on %s (%s), %d tasks restored, store %s",
-        engine.backbone_id[:12], settings.device, engine.name, len(registry), settings.store,
-    )  # fmt: skip
+        engine.backbone_id[:12],
+        settings.device,
+        engine.name,
+        len(registry),
+        settings.store,
+    )
     return service, failures, demo
 
 
@@ -126,19 +232,9 @@ def open_store(settings: Settings):
 
     Each store's client is imported only when chosen: qdrant-edge-py is an optional extra.
     """
-    layout = settings.layout
-    if settings.store == "edge":
-        from server.store.edge import EdgeStore
+    from server.store.configure import open_store as open_configured
 
-        return EdgeStore(settings.data_dir / "edge", layout=layout)
-    from server.store.qdrant import QdrantStore
-
-    if settings.store == "memory":
-        return QdrantStore(location=":memory:", layout=layout)
-    if settings.store == "local":
-        return QdrantStore(settings.data_dir / "qdrant", layout=layout)
-    key = settings.store_api_key.get_secret_value() if settings.store_api_key else None
-    return QdrantStore(url=settings.store, api_key=key, layout=layout)
+    return open_configured(settings)
 
 
 async def _serve_demo(service: Service, demo) -> None:
@@ -146,17 +242,25 @@ async def _serve_demo(service: Service, demo) -> None:
     registry = service.registry
     for task, artifact in demo.artifacts.items():
         if task not in registry:
-            registry.load(task, Path(artifact))
+            try:
+                registry.load(task, Path(artifact))
+            except RESTORE_FAILURES as err:  # e.g. an ONNX export of another J or N
+                log.error("demo task %s not loaded: %s", task, err)
+                registry.record_failure(task, None, err)
+                continue
         version = registry.serving_version(task)
         if service.store.count(task, version) > 0:
             continue
         items = demo.items.get(task, [])
         for start in range(0, len(items), service.limits.max_items):
             chunk = items[start : start + service.limits.max_items]
-            request = schema.IndexRequest(task=task, items=[
-                schema.IndexItem(id=item.id, image=_b64(item.image), payload=item.payload)
-                for item in chunk
-            ])  # fmt: skip
+            request = schema.IndexRequest(
+                task=task,
+                items=[
+                    schema.IndexItem(id=item.id, image=_b64(item.image), payload=item.payload)
+                    for item in chunk
+                ],
+            )
             await service.index(request)
         log.info("demo task %s: %d test images indexed", task, len(items))
 

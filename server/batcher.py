@@ -191,8 +191,9 @@ class Batcher:
             features = self._encode(modality, inputs, keys)  # [B, E]
         except Exception as err:  # the worker lives on; only the work at fault fails
             if len(batch) > 1:
-                log.warning("a batch of %d requests failed (%s); running them one by one",
-                            len(batch), err)  # fmt: skip
+                log.warning(
+                    "a batch of %d requests failed (%s); running them one by one", len(batch), err
+                )
                 for work in batch:
                     self._execute([work])
                 return

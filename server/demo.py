@@ -1,13 +1,9 @@
 """The server's embedded default: a tiny CLIP pretrained on synthetic data, with a few tasks.
 
 A server started without a backbone serves this bundle, so `python -m server` works offline on
-a bare machine. The first call builds it from the repo's own pieces (about a minute on two CPU
-cores: `DemoSizes`), later calls reuse it:
-
-    1. `lpi.continual.data.synthetic`: captioned images of drawn shapes, pretraining split, tasks
-    2. `lpi.pretrain`: the `tiny` preset trained contrastively on the pretraining split
-    3. `lpi.train`: LPI prompts, one task after another, on the frozen backbone
-    4. `export.tasks.export_run`: one checked artifact per task
+a bare machine. The first call builds it with `export.bundle.build_bundle` (synthetic data,
+pretraining of the `tiny` preset, LPI prompts task after task, one checked artifact per task;
+about a minute on two CPU cores: `DemoSizes`), later calls reuse it.
 
 Layout under `root` (paths in the manifest are relative to it, so the folder can move):
 
@@ -20,9 +16,11 @@ Layout under `root` (paths in the manifest are relative to it, so the folder can
 A build happens in a fresh `.build-XXXX` folder renamed into place only when complete, then
 `bundle.json` is replaced; nothing half-built is ever listed. A manifest whose recipe (task
 count and sizes) differs from the one asked for, or that lists a missing file, is rebuilt.
+A `Control` stops a build (or the wait for another process's) between two steps; the
+unfinished folder is removed, or by the next build if the process dies first.
 
-`progress` shows the data generation bar and logs each stage at INFO (DEBUG when off); the
-per-epoch bars of pretraining and training are lpi's own (TQDM_DISABLE=1 silences them).
+`progress` logs each stage at INFO (DEBUG when off); the per-epoch bars of pretraining and
+training are lpi's own (TQDM_DISABLE=1 silences them).
 """
 
 from __future__ import annotations
@@ -38,10 +36,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from lpi import atomic
+from lpi.continual.control import NO_CONTROL, Control
 from lpi.continual.data.synthetic import TASK_NAMES
+from wire.schema import is_task_name
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +79,20 @@ class DemoSizes:
 
 
 DEFAULT_SIZES = DemoSizes()
+# For tests and smoke runs: seconds to build, recall near chance. Its pretraining still takes
+# two steps of 128 images, long enough to be seen (and stopped) from outside.
+QUICK_SIZES = DemoSizes(
+    pretrain_images=128,
+    pretrain_epochs=2,
+    train_per_task=24,
+    test_per_task=6,
+    task_epochs=1,
+    layers=2,
+    tokens=4,
+    batch_size=8,
+)
+SIZES = {"full": DEFAULT_SIZES, "quick": QUICK_SIZES}  # the server's --demo-size
+LOCK_POLL_S = 0.2  # how often a process waiting for another's build checks its Control
 
 
 @dataclass(frozen=True)
@@ -106,12 +118,18 @@ class DemoBundle:
 
 
 def ensure_demo_bundle(
-    root: Path, *, tasks: int = 3, progress: bool = True, sizes: DemoSizes = DEFAULT_SIZES
+    root: Path,
+    *,
+    tasks: int = 3,
+    progress: bool = True,
+    sizes: DemoSizes = DEFAULT_SIZES,
+    control: Control = NO_CONTROL,
 ) -> DemoBundle:
     """The bundle under `root`, built first if there is no complete one of this recipe.
 
     `tasks` takes the first of the synthetic tasks (shapes-colours, textures, positions,
-    sizes-backgrounds). Raises ValueError for a task count the synthetic data does not have.
+    sizes-backgrounds). Raises ValueError for a task count the synthetic data does not have,
+    `Cancelled` when `control` is cancelled while waiting or building.
     """
     if not 1 <= tasks <= len(TASK_NAMES):
         raise ValueError(f"tasks: the demo has 1 to {len(TASK_NAMES)} tasks, got {tasks}")
@@ -121,10 +139,10 @@ def ensure_demo_bundle(
     if bundle is not None:
         return bundle
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / LOCK):
+    with _locked(root / LOCK, control):
         bundle = _load(root, recipe)  # another process may have built it while we waited
         if bundle is None:
-            bundle = _build(root, tasks, sizes, recipe, progress)
+            bundle = _build(root, tasks, sizes, recipe, progress, control)
     return bundle
 
 
@@ -133,10 +151,18 @@ def _recipe(tasks: int, sizes: DemoSizes) -> dict:
 
 
 @contextmanager
-def _locked(path: Path):
-    """An exclusive advisory lock on `path`, released when the block ends (or the process dies)."""
+def _locked(path: Path, control: Control):
+    """An exclusive advisory lock on `path`, released when the block ends (or the process dies).
+
+    Waits by polling, so a server stopping while another process builds stops at once."""
     with open(path, "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                control.part(0.0, 0.0, "waiting for another process's demo build").step(0, 1)
+                time.sleep(LOCK_POLL_S)
         try:
             yield
         finally:
@@ -162,7 +188,11 @@ def _load(root: Path, recipe: dict) -> DemoBundle | None:
     if manifest.get("recipe") != recipe:
         log.info("%s: built with another recipe; rebuilding the demo bundle", path)
         return None
-    bundle = _from_manifest(root, manifest)
+    try:
+        bundle = _from_manifest(root, manifest)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        log.warning("%s: malformed (%s); rebuilding the demo bundle", path, error)
+        return None
     missing = [p for p in _files(bundle) if not p.is_file()]
     if missing:
         log.warning(
@@ -173,20 +203,36 @@ def _load(root: Path, recipe: dict) -> DemoBundle | None:
 
 
 def _from_manifest(root: Path, manifest: dict) -> DemoBundle:
+    """The bundle a manifest lists; ValueError for a task name that is not one or a file
+    outside `root` (names become folder names, files are read: neither may escape)."""
+    for task in (*manifest["items"], *manifest["artifacts"]):
+        if not is_task_name(task):
+            raise ValueError(f"{task!r} is not a task name")
     items = {
         task: [
-            DemoItem(item["id"], task, root / item["image"], item["caption"], item["payload"])
+            DemoItem(
+                item["id"], task, _inside(root, item["image"]), item["caption"], item["payload"]
+            )
             for item in entries
         ]
         for task, entries in manifest["items"].items()
     }
     return DemoBundle(
         root=root,
-        backbone=root / manifest["backbone"],
-        artifacts={task: root / file for task, file in manifest["artifacts"].items()},
+        backbone=_inside(root, manifest["backbone"]),
+        artifacts={task: _inside(root, file) for task, file in manifest["artifacts"].items()},
         items=items,
         metrics=manifest.get("metrics", {}),
     )
+
+
+def _inside(root: Path, relative: str) -> Path:
+    """`root / relative`, refusing an absolute path or one that leaves `root`."""
+    if not isinstance(relative, str) or not (root / relative).resolve().is_relative_to(
+        root.resolve()
+    ):
+        raise ValueError(f"{relative!r} is not a file inside the bundle")
+    return root / relative
 
 
 def _files(bundle: DemoBundle) -> list[Path]:
@@ -197,7 +243,9 @@ def _files(bundle: DemoBundle) -> list[Path]:
 # --- building one ------------------------------------------------------------------------------
 
 
-def _build(root: Path, tasks: int, sizes: DemoSizes, recipe: dict, progress: bool) -> DemoBundle:
+def _build(
+    root: Path, tasks: int, sizes: DemoSizes, recipe: dict, progress: bool, control: Control
+) -> DemoBundle:
     """Build in a fresh .build-XXXX folder, rename it into place, then write bundle.json."""
     for stale in root.glob(BUILD_PREFIX + "*"):  # left by a build that died; we hold the lock
         log.info("removing %s, left by an unfinished build", stale)
@@ -209,7 +257,7 @@ def _build(root: Path, tasks: int, sizes: DemoSizes, recipe: dict, progress: boo
     build, content = root / (BUILD_PREFIX + suffix), root / (CONTENT_PREFIX + suffix)
     build.mkdir()
     try:
-        manifest = _build_into(build, content.name, tasks, sizes, level, progress)
+        manifest = _build_into(build, content.name, tasks, sizes, _logged(control, level))
         build.rename(content)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
@@ -229,43 +277,68 @@ def _build(root: Path, tasks: int, sizes: DemoSizes, recipe: dict, progress: boo
     return _from_manifest(root, manifest)
 
 
-def _build_into(
-    build: Path, name: str, tasks: int, sizes: DemoSizes, level: int, progress: bool
-) -> dict:
+def _logged(control: Control, level: int) -> Control:
+    """`control` under the label "demo", also logging each stage once when it starts."""
+    seen: set[str] = set()
+    report = control.report
+
+    def logged(label: str, fraction: float) -> None:
+        stage = label.split(" (")[0]
+        if stage not in seen:
+            seen.add(stage)
+            log.log(level, "%s", stage)
+        if report is not None:
+            report(label, fraction)
+
+    return dataclasses.replace(control, report=logged).part(0.0, 1.0, "demo")
+
+
+def recipe_of(tasks: int, sizes: DemoSizes):
+    """The bundle builder's recipe of a demo of `tasks` tasks and these sizes."""
+    from export.bundle import BundleRecipe
+
+    return BundleRecipe(
+        tasks=tasks,
+        train_per_task=sizes.train_per_task,
+        test_per_task=sizes.test_per_task,
+        pretrain_images=sizes.pretrain_images,
+        image_size=sizes.image_size,
+        preset=PRESET,
+        pretrain_epochs=sizes.pretrain_epochs,
+        backbone_seed=sizes.seed,
+        pretrain_lr=PRETRAIN_LR,
+        pretrain_weight_decay=PRETRAIN_WEIGHT_DECAY,
+        pretrain_batch_size=PRETRAIN_BATCH,
+        methods=("lpi",),
+        layers=sizes.layers,
+        tokens=sizes.tokens,
+        epochs=sizes.task_epochs,
+        batch_size=sizes.batch_size,
+        lr=TASK_LR,
+        seed=sizes.seed,
+        export=True,
+    )
+
+
+def _build_into(build: Path, name: str, tasks: int, sizes: DemoSizes, control: Control) -> dict:
     """Every file of a bundle under `build`, to be renamed `name`; returns the manifest."""
-    from lpi.continual.data import synthetic
+    from export.bundle import build_bundle
 
     def listed(path: Path) -> str:  # the path relative to the root once renamed
         return f"{name}/{path.relative_to(build).as_posix()}"
 
-    data = build / "data"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    log.log(level, "demo 1/4: drawing synthetic images")
-    synthetic.generate(
-        data,
-        tasks,
-        sizes.train_per_task,
-        sizes.test_per_task,
-        sizes.pretrain_images,
-        sizes.image_size,
-        sizes.seed,
-        progress=progress,
-    )
-    log.log(level, "demo 2/4: pretraining the %s preset on %s", PRESET, device)
-    backbone = _pretrain(data / "pretrain.jsonl", build / "backbone.safetensors", sizes, device)
-    log.log(level, "demo 3/4: training LPI prompts for %d tasks", tasks)
-    state = _train(data / "manifest.jsonl", backbone, build / "run", sizes, device)
-    log.log(level, "demo 4/4: exporting task artifacts")
-    artifacts = _export(build / "run", backbone, build / "artifacts")
-    items = _keep_test_images(data / "manifest.jsonl", build / "images", state.done)
-    shutil.rmtree(data)  # training and pretraining images: only the test items are served
-    shutil.rmtree(build / "run")
+    built = build_bundle(recipe_of(tasks, sizes), build, control=control)
+    state = built.states["lpi"]
+    items = _keep_test_images(built.manifest, build / "images", state.done)
+    control.check()
+    shutil.rmtree(build / "data")  # training and pretraining images: only test items are served
+    shutil.rmtree(built.runs["lpi"])
     final = state.results[-1]["r1"]
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "backbone": listed(backbone),
-        "artifacts": {task: listed(path) for task, path in artifacts.items()},
+        "backbone": listed(built.backbone),
+        "artifacts": {task: listed(path) for task, path in built.artifacts["lpi"].items()},
         "items": {
             task: [entry | {"image": listed(entry["image"])} for entry in entries]
             for task, entries in items.items()
@@ -276,42 +349,6 @@ def _build_into(
             "r1_chance": round(100 / sizes.test_per_task, 2),
         },
     }
-
-
-def _pretrain(manifest: Path, out: Path, sizes: DemoSizes, device: str) -> Path:
-    """`python -m lpi.pretrain` on the pretraining split."""
-    from lpi.continual.data.manifest import read_manifest, select
-    from lpi.pretrain import pretrain_preset
-
-    records = select(read_manifest(manifest), split="train")
-    history = pretrain_preset(
-        records, PRESET, out, sizes.pretrain_epochs, PRETRAIN_LR, PRETRAIN_WEIGHT_DECAY,
-        PRETRAIN_BATCH, sizes.seed, device,
-    )  # fmt: skip
-    log.debug("pretraining loss %.3f -> %.3f", history[0], history[-1])
-    return out
-
-
-def _train(manifest: Path, backbone: Path, out: Path, sizes: DemoSizes, device: str):
-    """`python -m lpi.train --method lpi` on every task of the manifest; its RunState."""
-    from lpi import train
-
-    args = train.parse_args([
-        "--manifest", str(manifest), "--backbone", str(backbone), "--out", str(out),
-        "--method", "lpi", "--layers", str(sizes.layers), "--tokens", str(sizes.tokens),
-        "--epochs", str(sizes.task_epochs), "--batch-size", str(sizes.batch_size),
-        "--lr", str(TASK_LR), "--seed", str(sizes.seed), "--device", device, "--cache",
-    ])  # fmt: skip
-    return train.run(args)
-
-
-def _export(run: Path, backbone: Path, out: Path) -> dict[str, Path]:
-    """One artifact per task, checked against the backbone file as the server will load it."""
-    from export.tasks import export_run
-    from lpi import load_backbone
-
-    artifacts = export_run(run, load_backbone(backbone), out)
-    return {artifact.name: artifact.path for artifact in artifacts}
 
 
 def _keep_test_images(manifest: Path, images: Path, tasks: list[str]) -> dict[str, list[dict]]:
@@ -327,12 +364,14 @@ def _keep_test_images(manifest: Path, images: Path, tasks: list[str]) -> dict[st
         for index, record in enumerate(select(records, task, "test")):
             image = record.image.rename(folder / record.image.name)
             caption = record.captions[0]
-            items[task].append({
-                "id": f"{task}-{index}",
-                "image": image,
-                "caption": caption,
-                "payload": {"caption": caption, "split": "test"},
-            })  # fmt: skip
+            items[task].append(
+                {
+                    "id": f"{task}-{index}",
+                    "image": image,
+                    "caption": caption,
+                    "payload": {"caption": caption, "split": "test"},
+                }
+            )
     return items
 
 

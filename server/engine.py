@@ -4,13 +4,14 @@ Why an interface: the registry loads and unloads tasks and the batcher encodes m
 batches (docs/ARCHITECTURE.md, steps 2-4) without knowing which runtime holds the backbone.
 Two runtimes hold it:
 
-- `TorchEngine`: the backbone in torch; each task's folded prefix factors (spec LPI.md
+- `TorchEngine`: the backbone in torch; each task's folded prefix factors (METHOD.md
   section 6) live in one `kernels.TaskSlotPool` per tower, and a batch reads its rows' slots
   through an `lpi.SlotPrefix` (the fused kernel on CUDA, its reference elsewhere; section 7).
 - `OnnxEngine`: the export's two onnxruntime graphs; a task's prefix keys and values are
   materialised once at load and gathered per row into the graphs' prefix inputs.
 
-Both return the same vectors (tests/test_server_engine.py compares them per row). A task is
+Both return the same vectors (tests/test_server_engine.py compares them per row). What both
+check (shapes, rows, the probe batch every new version must pass) is `engine_checks`. A task is
 named by its key, (task name, prompt version); a row without one runs the bare backbone.
 `add` and `remove` run on the registry's threads while `encode` runs on the batcher's: each
 engine keeps its bookkeeping under one lock, and a batch in flight keeps its tasks' prefixes.
@@ -25,29 +26,35 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 import lpi
 from export.artifact import TaskArtifact
-from kernels import PoolFullError, TaskSlotPool, UnknownTaskError
+from kernels import NotInPoolError, PoolFullError, TaskSlotPool
+from lpi import precision
+from lpi.precision import resolve_dtype
+from server.engine_checks import (  # noqa: F401 - re-exported: callers import them from here
+    TOWERS,
+    EngineError,
+    Key,
+    Modality,
+    already_loaded,
+    artifact_shape,
+    check_rows,
+    check_shape,
+    probe,
+    probe_added,
+    unusable_rows,
+)
+from server.graphs import GraphedEncoders
+from server.threads import apply_torch_threads, default_threads
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, str]  # (task name, prompt version)
-Modality = Literal["image", "text"]
-TOWERS: tuple[Modality, ...] = ("image", "text")
 KINDS = ("torch", "onnx")
-
-
-class EngineError(ValueError):
-    """An artifact (or a load) this engine cannot hold; `field` names what does not fit."""
-
-    def __init__(self, message: str, field: str):
-        super().__init__(message)
-        self.field = field
 
 
 @runtime_checkable
@@ -55,6 +62,8 @@ class Engine(Protocol):
     """What the registry and the batcher need of a runtime."""
 
     name: str  # "torch" or "onnx"
+    dtype: str  # what the model computes in: float32, bfloat16, float16 (torch); int8 (onnx)
+    dtype_reason: str  # why that one (a fall-back from what was asked says so)
     backbone_id: str  # lpi.fingerprint of the backbone
     embed_dim: int
     image_size: int
@@ -68,7 +77,8 @@ class Engine(Protocol):
         """
 
     def add(self, key: Key, artifact: TaskArtifact) -> None:
-        """Load a task under `key`; EngineError if it cannot be held or the key is taken."""
+        """Load a task under `key`, then `probe` it; EngineError if it cannot be held, the key
+        is taken, or its vectors are unusable (then nothing stays loaded)."""
 
     def remove(self, key: Key) -> None:
         """Unload a task; the caller guarantees that no queued batch still names it."""
@@ -81,51 +91,26 @@ class Engine(Protocol):
         """The keys loaded now, in load order."""
 
 
-# ---------------------------------------------------------------------------------- checks
-
-
-def artifact_shape(artifact: TaskArtifact) -> tuple[int, int]:
-    """(J, N) of the artifact (`read_artifact` has checked that both towers agree)."""
-    layers, tokens, _ = artifact.folded.image.key_u.shape  # [J, N, R']
-    return layers, tokens
-
-
-def check_shape(artifact: TaskArtifact, layers: int, tokens: int, held: str) -> None:
-    """J and N must be the engine's, fixed by `held` (the pool's, the ONNX export's)."""
-    got_layers, got_tokens = artifact_shape(artifact)
-    for field, got, want in (
-        ("artifact.layers", got_layers, layers),
-        ("artifact.tokens", got_tokens, tokens),
-    ):
-        if got != want:
-            raise EngineError(
-                f"task {artifact.name!r} has {field.split('.')[1]} {got}; {held} holds "
-                f"{field.split('.')[1]} = {want} only",
-                field,
-            )
-
-
-def check_rows(modality: str, inputs: Tensor, keys: Sequence[Key | None]) -> None:
-    if modality not in TOWERS:
-        raise ValueError(f"modality must be one of {TOWERS}, got {modality!r}")
-    if inputs.dim() < 1 or inputs.shape[0] != len(keys):
-        raise ValueError(f"{len(keys)} keys for inputs of shape {tuple(inputs.shape)}")
-
-
-def already_loaded(key: Key) -> EngineError:
-    return EngineError(f"task {key} is already loaded; remove it first", "task")
-
-
 # ---------------------------------------------------------------------------------- torch
+
+
+def cast_backbone(backbone: lpi.Backbone, device: torch.device, dtype: torch.dtype):
+    """Move and cast the backbone in place, eval mode; the pools are made in its dtype.
+
+    The backbone keeps its float32 fingerprint (`lpi.precision.cast_backbone`); tasks are
+    folded at export against float32 weights and only their factors are cast, at `add`."""
+    return precision.cast_backbone(backbone.to(device=device).eval(), dtype)
 
 
 class TorchEngine:
     """The backbone in torch with task slots in two pools (image tower, text tower).
 
     The pools are made at the first `add`, for that task's J and N and a rank of
-    max(max_rank, its R'); every later task must fit them. `backbone` is moved to `device`
-    and put in eval mode in place (the engine owns it from then on). `backbone_fingerprint`
-    saves hashing the weights again when the caller already has it.
+    max(max_rank, its R'); every later task must fit them. `backbone` is moved to `device`,
+    cast to `dtype` (see `lpi.precision.resolve_dtype`) and put in eval mode in place (the
+    engine owns it from then on); tasks' factors are cast to it at `add`. `threads`: torch's
+    intra-op threads, set process-wide (None: left as they are). `backbone_fingerprint` saves
+    hashing the weights again when the caller already has it.
     """
 
     name = "torch"
@@ -138,13 +123,26 @@ class TorchEngine:
         slots: int = 64,
         max_rank: int = 16,
         backbone_fingerprint: str | None = None,
+        dtype: str = "auto",
+        cuda_graphs: int = 0,
+        threads: int | None = None,
     ):
         if slots < 1 or max_rank < 1:
             raise ValueError(f"slots and max_rank must be >= 1, got {slots} and {max_rank}")
         self.backbone_id = backbone_fingerprint or lpi.fingerprint(backbone)
         self.device = torch.device(device)
-        self.backbone = backbone.to(self.device).eval()
         config = backbone.config
+        widest = max(config.vision.width, config.text.width)
+        chosen = resolve_dtype(dtype, self.device, width=widest)
+        (log.warning if chosen.fell_back else log.info)("torch engine dtype: %s", chosen.reason)
+        self.dtype, self.dtype_reason = chosen.name, chosen.reason
+        # threads None: torch's setting is left alone (build_engine passes the server's default).
+        self.threads = apply_torch_threads(threads) if threads else torch.get_num_threads()
+        if next(backbone.parameters()).dtype == torch.float32:
+            backbone.float32_fingerprint = self.backbone_id  # saves hashing it again to cast
+        self.backbone = cast_backbone(backbone, self.device, chosen.dtype)
+        # cuda_graphs > 0: forward passes replayed from CUDA graphs for batches up to that size.
+        self._graphs = GraphedEncoders(self.backbone, cuda_graphs) if cuda_graphs else None
         self.embed_dim = config.embed_dim
         self.image_size = config.vision.image_size
         self.context_length = config.text.context_length
@@ -168,12 +166,13 @@ class TorchEngine:
                 self._pools = self._new_pools(artifact)
             self._load(key, artifact)
             self._keys[key] = None
+        probe_added(self, key)
         log.info("loaded task %s (R' %d/%d)", key, *self._ranks(artifact))
 
     def remove(self, key: Key) -> None:
         with self._lock:
             if key not in self._keys:
-                raise UnknownTaskError(f"task {key!r} is not loaded")
+                raise NotInPoolError(f"task {key!r} is not loaded")
             for pool in self._pools.values():
                 pool.free(key)  # a slot still leased by a batch is reused after it
             del self._keys[key]
@@ -188,7 +187,7 @@ class TorchEngine:
             if all(key is None for key in keys):
                 out = self._run(modality, data, None)
             elif pool is None:
-                raise UnknownTaskError(f"no task is loaded; asked for {sorted(set(keys) - {None})}")
+                raise NotInPoolError(f"no task is loaded; asked for {sorted(set(keys) - {None})}")
             else:
                 with pool.lease(keys) as slots:  # [B] int32, -1 = no task
                     # On the host before the lease ends: no later pool write can race the batch.
@@ -200,6 +199,12 @@ class TorchEngine:
             return list(self._keys)
 
     def _run(self, modality: Modality, data: Tensor, prefix: lpi.SlotPrefix | None) -> Tensor:
+        pool = self._pools.get(modality)
+        if self._graphs is not None and pool is not None:
+            none = torch.full((len(data),), -1, dtype=torch.int32, device=data.device)
+            out = self._graphs.run(modality, data, none if prefix is None else prefix.slots, pool)
+            if out is not None:
+                return out.to("cpu", torch.float32)  # [B, E]
         encode = self.backbone.encode_image if modality == "image" else self.backbone.encode_text
         return encode(data, prefix).to("cpu", torch.float32)  # [B, E]
 
@@ -288,19 +293,23 @@ class OnnxEngine:
         embed_dim: int,
         image_size: int,
         context_length: int,
-        precision: str = "float32",
+        precision: str = "auto",
         threads: int | None = None,
         providers: list[str] | None = None,
     ):
-        from export.onnx_export import OnnxTowers  # onnxruntime loads only for this engine
+        from export.onnx_runtime import OnnxTowers, pick_precision  # onnxruntime loads here only
 
+        chosen, self.dtype_reason = pick_precision(directory, precision)
+        self.threads = threads or default_threads()
         self.towers = OnnxTowers(
             directory,
             fingerprint=backbone_fingerprint,
-            precision=precision,
+            precision=chosen,
             providers=providers,
-            threads=threads,
+            threads=self.threads,
         )
+        self.dtype = chosen
+        log.info("onnx engine precision: %s", self.dtype_reason)
         manifest = self.towers.manifest
         given = {"embed_dim": embed_dim, "image_size": image_size, "context_length": context_length}
         wrong = {k: (v, manifest[k]) for k, v in given.items() if manifest[k] != v}
@@ -327,12 +336,13 @@ class OnnxEngine:
             if key in self._prefixes:
                 raise already_loaded(key)
             self._prefixes[key] = prefixes
+        probe_added(self, key)
         log.info("loaded task %s", key)
 
     def remove(self, key: Key) -> None:
         with self._lock:
             if self._prefixes.pop(key, None) is None:
-                raise UnknownTaskError(f"task {key!r} is not loaded")
+                raise NotInPoolError(f"task {key!r} is not loaded")
         log.info("unloaded task %s", key)
 
     def encode(self, modality: Modality, inputs: Tensor, keys: Sequence[Key | None]) -> Tensor:
@@ -357,7 +367,7 @@ class OnnxEngine:
         with self._lock:
             missing = sorted({k for k in keys if k is not None and k not in self._prefixes})
             if missing:
-                raise UnknownTaskError(f"tasks {missing} are not loaded")
+                raise NotInPoolError(f"tasks {missing} are not loaded")
             return [None if k is None else self._prefixes[k][modality] for k in keys]
 
     def _gather(self, modality: Modality, rows: list) -> tuple[Tensor, Tensor, Tensor]:
@@ -381,17 +391,23 @@ def build_engine(
     max_rank: int = 16,
     onnx_dir: str | Path | None = None,
     threads: int | None = None,
-    precision: str = "float32",
+    precision: str = "auto",
     backbone_fingerprint: str | None = None,
+    dtype: str = "auto",
+    cuda_graphs: int = 0,
 ) -> Engine:
     """The engine of `kind` ("torch" or "onnx") serving `backbone`.
 
-    slots and max_rank size the torch pools; onnx_dir, threads (intra-op threads) and
-    precision ("float32" or "float16") configure onnxruntime, on the CPU when `device` is.
+    slots, max_rank, dtype (auto: bfloat16 where the device has it natively, else float32)
+    and cuda_graphs (largest graphed batch, 0 = off) configure torch; onnx_dir and precision
+    ("auto": int8 where the export holds it, else float32; or "float32", "float16", "int8")
+    configure onnxruntime, on the CPU when `device` is. threads: intra-op threads of either
+    (None: the usable cores less one, `server.threads`).
     """
     if kind not in KINDS:
         raise ValueError(f"engine kind must be one of {KINDS}, got {kind!r}")
     backbone_fingerprint = backbone_fingerprint or lpi.fingerprint(backbone)
+    threads = threads or default_threads()
     if kind == "torch":
         return TorchEngine(
             backbone,
@@ -399,6 +415,9 @@ def build_engine(
             slots=slots,
             max_rank=max_rank,
             backbone_fingerprint=backbone_fingerprint,
+            dtype=dtype,
+            cuda_graphs=cuda_graphs,
+            threads=threads,
         )
     if onnx_dir is None:
         raise ValueError("the onnx engine needs onnx_dir, the folder python -m export onnx wrote")

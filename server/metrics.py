@@ -23,20 +23,29 @@ class Metrics:
             "lpi_requests", "HTTP requests answered", ["route", "task", "status"], registry=r
         )
         self.latency = Histogram(
-            "lpi_request_seconds", "Request latency", ["route", "task"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "lpi_request_seconds",
+            "Request latency",
+            ["route", "task"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.batch_rows = Histogram(
             "lpi_batch_rows", "Rows per model batch", ["modality"], buckets=ROW_BUCKETS, registry=r
         )
         self.batch_tasks = Histogram(
-            "lpi_batch_tasks", "Distinct tasks per model batch", ["modality"],
-            buckets=ROW_BUCKETS, registry=r,
-        )  # fmt: skip
+            "lpi_batch_tasks",
+            "Distinct tasks per model batch",
+            ["modality"],
+            buckets=ROW_BUCKETS,
+            registry=r,
+        )
         self.batch_seconds = Histogram(
-            "lpi_batch_seconds", "Model time per batch", ["modality"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "lpi_batch_seconds",
+            "Model time per batch",
+            ["modality"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_rows = Gauge("lpi_queue_rows", "Rows waiting for a batch", registry=r)
         self.rejected = Counter(
             "lpi_rejected_rows", "Rows refused because the queue was full", registry=r
@@ -47,9 +56,69 @@ class Metrics:
         )
         self.swaps = Counter("lpi_task_swaps", "Task loads that changed a version", registry=r)
         self.swap_seconds = Histogram(
-            "lpi_task_swap_seconds", "Time to load or replace a task", buckets=LATENCY_BUCKETS,
+            "lpi_task_swap_seconds",
+            "Time to load or replace a task",
+            buckets=LATENCY_BUCKETS,
             registry=r,
-        )  # fmt: skip
+        )
+
+    def watch_builds(self, store) -> None:
+        """Index builds of the store (edge with background builds): phase, age and points of
+        each collection's latest build, and finished builds by outcome."""
+        builder = getattr(store, "builder", None)
+        if builder is None:
+            return
+        r = self.registry
+        phase = Gauge(
+            "lpi_store_build_phase",
+            "1 on the phase of each collection's latest index build",
+            ["collection", "phase"],
+            registry=r,
+        )
+        seconds = Gauge(
+            "lpi_store_build_seconds",
+            "Seconds the latest index build has run",
+            ["collection"],
+            registry=r,
+        )
+        points = Gauge(
+            "lpi_store_build_points",
+            "Points the latest index build indexes",
+            ["collection"],
+            registry=r,
+        )
+        finished = Counter("lpi_store_builds", "Finished index builds", ["outcome"], registry=r)
+
+        def changed(status) -> None:
+            for name in (
+                "queued",
+                "copying",
+                "indexing",
+                "catching-up",
+                "swapping",
+                "done",
+                "failed",
+            ):
+                phase.labels(status.collection, name).set(int(status.phase == name))
+            seconds.labels(status.collection).set(status.seconds)
+            points.labels(status.collection).set(status.points)
+            if status.phase in ("done", "failed"):
+                finished.labels(status.phase).inc()
+
+        builder.on_change = changed
+        for status in builder.status_objects():
+            changed(status)
+
+    def engine_info(self, engine) -> None:
+        """The runtime and the dtype it computes in (an info gauge: 1 on the labels in use)."""
+        info = Gauge(
+            "lpi_engine_info",
+            "The model runtime, its compute dtype and intra-op threads",
+            ["engine", "dtype", "threads"],
+            registry=self.registry,
+        )
+        threads = str(getattr(engine, "threads", "") or "")
+        info.labels(engine.name, getattr(engine, "dtype", "float32"), threads).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

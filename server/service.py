@@ -13,19 +13,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
+from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
 from server.batcher import Batcher
-from server.engine import Engine, Key
-from server.errors import ApiError
+from server.engine import Engine, Key, unusable_rows
+from server.exceptions import (
+    InvalidRequestError,
+    InvalidVectorError,
+    ModelTimeoutError,
+    NoTaskKeysError,
+    ReservedNameError,
+    UnusableVectorError,
+    WrongDimensionError,
+)
 from server.inputs import Limits, check_count, decode_base64, image_rows, text_rows
-from server.registry import TaskRegistry
-from server.store import VectorStore
+from server.registry import TaskNotLoadedError, TaskRegistry
+from server.store import ConflictError as StoreConflictError
+from server.store import StoreError, VectorStore
+from server.store.bulk import check_given_vectors, check_given_version, filter_warnings
+from server.store.tuning import SearchOptions
+from server.thumbnails import PAYLOAD_KEY, check_free, thumbnail_uri, wanted_side
 from wire import schema
 
 log = logging.getLogger("server.service")
@@ -71,13 +85,14 @@ class Service:
             "text_embeddings": _lists(text_out),
             "image_embeddings": _lists(image_out),
             "prompt_versions": {key[0]: key[1]} if key else {},
+            "tokens": sum(len(row) for row in text_in),  # for usage counts (/v1/embeddings)
         }
 
     async def _embed_routed(self, text_in: list[Tensor], image_in: list[Tensor]) -> dict:
         """task='auto': each row goes to the task whose keys are nearest its bare features."""
         keys = self.registry.task_keys()
         if len(keys) == 0:
-            raise ApiError(409, "no_task_keys", "task 'auto': no loaded task has task keys", "task")
+            raise NoTaskKeysError("task 'auto': no loaded task has task keys", "task")
         bare_text, bare_image = await self._encode_both(
             text_in, [None] * len(text_in), image_in, [None] * len(image_in)
         )
@@ -96,14 +111,19 @@ class Service:
             "text_tasks": text_tasks if text_in else None,
             "image_tasks": image_tasks if image_in else None,
             "prompt_versions": {task: version for task, version in pinned.values()},
+            "tokens": sum(len(row) for row in text_in),
         }
 
     # -- index ----------------------------------------------------------------------------------
 
     async def index(self, request: schema.IndexRequest) -> dict:
         items = request.items
-        if len(items) > self.limits.max_items:
-            check_count(len(items), 0, self.limits, field="items")
+        modelled = sum(item.vector is None for item in items)  # vectors skip the model
+        if modelled > self.limits.max_items:
+            check_count(modelled, 0, self.limits, field="items")
+        given = check_given_vectors(request, self.engine.embed_dim)
+        if request.skip_existing:
+            return await self._index_missing(request)
         texts = [(i, item.text) for i, item in enumerate(items) if item.text is not None]
         blobs = [
             (i, decode_base64(item.image, f"items[{i}].image"))
@@ -112,22 +132,86 @@ class Service:
         ]
         ids = [item.id or str(uuid.uuid4()) for item in items]
         text_in, image_in = await self._rows_off_loop(
-            [t for _, t in texts], [b for _, b in blobs],
-            [f"items[{i}].text" for i, _ in texts], [f"items[{i}].image" for i, _ in blobs],
-        )  # fmt: skip
+            [t for _, t in texts],
+            [b for _, b in blobs],
+            [f"items[{i}].text" for i, _ in texts],
+            [f"items[{i}].image" for i, _ in blobs],
+        )
+        payloads = await self._with_thumbnails(request, dict(blobs))
         with self.registry.pin(request.task) as key:
             text_out, image_out = await self._encode_both(
                 text_in, [key] * len(text_in), image_in, [key] * len(image_in)
             )
-            vectors = _scatter(len(items), [i for i, _ in texts], text_out, [i for i, _ in blobs],
-                               image_out)  # fmt: skip
-            payloads = [dict(item.payload) for item in items]
-            task, version = key
-            stored = await run_in_threadpool(
-                self.store.upsert, task, version, ids, vectors, payloads
+            vectors = _scatter(
+                len(items), [i for i, _ in texts], text_out, [i for i, _ in blobs], image_out
             )
+            task, version = key
+            check_given_version(request, version, given)
+            for i, vector in given.items():
+                vectors[i] = vector
+            with request_fields():
+                stored = await run_in_threadpool(
+                    self._upsert, task, version, ids, vectors, payloads
+                )
             serving = self.registry.serving_version(task) == version
         return {"task": task, "prompt_version": version, "ids": stored, "serving": serving}
+
+    def _upsert(self, task: str, version: str, ids: list, vectors: list, payloads: list) -> list:
+        ensure_declared = getattr(self.store, "ensure_declared", None)
+        if ensure_declared is not None:
+            ensure_declared(task, version)  # the payload indexes the settings declare
+        return self.store.upsert(task, version, ids, vectors, payloads)
+
+    async def _index_missing(self, request: schema.IndexRequest) -> dict:
+        """skip_existing: index only the items whose id this version does not hold yet."""
+        if any(item.id is None for item in request.items):
+            raise InvalidRequestError("skip_existing needs every item's id", "skip_existing")
+        with self.registry.pin(request.task) as (task, version):
+            ids = [item.id for item in request.items]
+            with request_fields():
+                stored = await run_in_threadpool(self.store.existing_ids, task, version, ids)
+            keep = [item for item in request.items if item.id not in stored]
+            serving = self.registry.serving_version(task) == version
+            answer = {"task": task, "prompt_version": version, "ids": [], "serving": serving}
+            if keep:
+                rest = request.model_copy(update={"items": keep, "skip_existing": False})
+                answer = await self.index(rest)
+        if answer["prompt_version"] != version:  # a newer version was loaded meanwhile
+            raise StoreConflictError(
+                f"skip_existing: task {task!r} changed prompt version during the request "
+                "(ids were checked against the old one): run it again",
+                "skip_existing",
+            )
+        return answer | {"skipped": [id for id in ids if id in stored]}
+
+    async def _with_thumbnails(self, request: schema.IndexRequest, blobs: dict) -> list[dict]:
+        """Each item's payload, with a thumbnail data URI where one is asked for."""
+        payloads = [dict(item.payload) for item in request.items]
+        wanted = {}
+        for i, item in enumerate(request.items):
+            field = f"items[{i}]"
+            if item.image is None and item.thumbnail not in (None, False):
+                raise InvalidRequestError(
+                    f"{field}.thumbnail: only image items have thumbnails", f"{field}.thumbnail"
+                )
+            side = None
+            if i in blobs:
+                side = wanted_side(
+                    item.thumbnail, request.thumbnail, self.limits, f"{field}.thumbnail"
+                )
+            if side is not None:
+                check_free(payloads[i], field)
+                wanted[i] = side
+        if wanted:
+            uris = await run_in_threadpool(
+                lambda: {
+                    i: thumbnail_uri(blobs[i], side, self.limits, f"items[{i}].image")
+                    for i, side in wanted.items()
+                }
+            )
+            for i, uri in uris.items():
+                payloads[i][PAYLOAD_KEY] = uri
+        return payloads
 
     # -- search ---------------------------------------------------------------------------------
 
@@ -151,21 +235,102 @@ class Service:
             index_version = version
             if request.accept_mismatch:
                 index_version = self.registry.serving_version(task) or version
-            hits = await run_in_threadpool(
-                lambda: self.store.search(
-                    task, index_version, vector, request.top_k, request.filter,
-                    accept_mismatch=request.accept_mismatch,
+            options = SearchOptions(exact=request.exact, hnsw_ef=request.hnsw_ef)
+            with request_fields():
+                hits = await run_in_threadpool(
+                    lambda: self.store.search(
+                        task,
+                        index_version,
+                        vector,
+                        request.top_k,
+                        request.filter,
+                        accept_mismatch=request.accept_mismatch,
+                        options=options,
+                    )
                 )
-            )  # fmt: skip
         index_version = hits[0].version if hits else index_version
+        warnings = []
+        if request.filter:
+            warnings = await run_in_threadpool(
+                filter_warnings, self.store, task, index_version, request.filter
+            )
         return {
             "task": task,
             "prompt_version": version,
             "index_version": index_version,
             "hits": [{"id": h.id, "score": h.score, "payload": h.payload} for h in hits],
+            "warnings": warnings,
         }
 
+    # -- stored points ----------------------------------------------------------------------------
+
+    async def points(self, action: str, request) -> dict:
+        """Count, list (a page) or delete the serving version's points of a task."""
+        with self.registry.pin(request.task, "serving") as (task, version):
+            store, answer = self.store, {"task": task, "prompt_version": version}
+            with point_fields():
+                if action == "count":
+                    count = await run_in_threadpool(store.count, task, version, request.filter)
+                    return answer | {"count": count}
+                if action == "list":
+                    rows, after = await run_in_threadpool(
+                        lambda: store.list_points(
+                            task, version, request.filter, request.limit, request.offset
+                        )
+                    )
+                    points = [{"id": id, "payload": payload} for id, payload in rows]
+                    return answer | {"count": len(points), "points": points, "next_offset": after}
+                deleted = await run_in_threadpool(
+                    lambda: store.delete_points(task, version, request.ids, request.filter)
+                )
+                return answer | {"count": deleted}
+
+    # -- tasks (admin) --------------------------------------------------------------------------
+
+    @property
+    def upload_dir(self) -> Path:
+        """Where uploaded artifacts are streamed before a load (swept at start)."""
+        return self.registry.state.uploads
+
+    async def list_tasks(self) -> dict:
+        infos = await run_in_threadpool(self._task_infos)
+        return {"tasks": infos, "failed": self.registry.failures()}
+
+    async def task_info(self, task: str) -> dict:
+        return await run_in_threadpool(self.registry.info, task)
+
+    async def load_task(self, task: str, source: Path, *, promote: bool, shown: str) -> dict:
+        """Load or replace `task` from an artifact file; errors name it as `shown`."""
+        if task == schema.AUTO:
+            raise ReservedNameError("task: 'auto' routes by task keys; pick another name", "task")
+        with admin_fields():
+            previous, changed = await run_in_threadpool(
+                lambda: self.registry.load(task, source, promote=promote, shown=shown)
+            )
+        info = await self.task_info(task)  # counts vectors: outside the load
+        return {"task": info, "previous_version": previous, "changed": changed}
+
+    async def promote_task(self, task: str, version: str, *, force: bool) -> dict:
+        with admin_fields():
+            await run_in_threadpool(lambda: self.registry.promote(task, version, force=force))
+        return await self.task_info(task)
+
+    async def unload_task(self, task: str, *, delete_vectors: bool) -> dict:
+        with admin_fields():
+            versions = await run_in_threadpool(
+                lambda: self.registry.unload(task, delete_vectors=delete_vectors)
+            )
+        return {"task": task, "unloaded_versions": versions, "vectors_deleted": delete_vectors}
+
     # -- helpers --------------------------------------------------------------------------------
+
+    def _task_infos(self) -> list[dict]:
+        """Every loaded task's info; one unloaded meanwhile is left out, not an error."""
+        infos = []
+        for task in self.registry.names():
+            with contextlib.suppress(TaskNotLoadedError):
+                infos.append(self.registry.info(task))
+        return infos
 
     async def _rows_off_loop(self, texts: list[str], images: list[bytes], *fields):
         """Decode in a worker thread, except a few short texts: tokenising them costs less
@@ -205,7 +370,7 @@ class Service:
             return None
         future = self.batcher.submit(modality, rows, keys)
         try:
-            return await asyncio.wait_for(
+            out = await asyncio.wait_for(
                 asyncio.shield(asyncio.wrap_future(future)), timeout=self.timeout_s
             )
         except (TimeoutError, asyncio.CancelledError) as err:
@@ -213,22 +378,85 @@ class Service:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(asyncio.wrap_future(future))
             if isinstance(err, TimeoutError):
-                raise ApiError(
-                    503, "timeout", f"the model did not answer within {self.timeout_s} s"
+                raise ModelTimeoutError(
+                    f"the model did not answer within {self.timeout_s} s"
                 ) from None
             raise
+        _refuse_unusable(modality, out, keys)
+        return out
 
     def _checked_vector(self, vector: list[float]) -> list[float]:
         if len(vector) != self.engine.embed_dim:
-            raise ApiError(
-                422, "wrong_dimension", f"query.vector has {len(vector)} values; this "
-                f"backbone's vectors have {self.engine.embed_dim}", "query.vector",
-            )  # fmt: skip
-        norm = sum(v * v for v in vector) ** 0.5
+            raise WrongDimensionError(
+                f"query.vector has {len(vector)} values; this backbone's vectors have "
+                f"{self.engine.embed_dim}",
+                "query.vector",
+            )
+        norm = math.hypot(*vector)  # no overflow: 1e200 components are a fine direction
         if not norm > 0 or norm == float("inf"):
-            raise ApiError(422, "invalid_vector", "query.vector must be finite and non-zero",
-                           "query.vector")  # fmt: skip
+            raise InvalidVectorError("query.vector must be finite and non-zero", "query.vector")
         return vector
+
+
+def _refuse_unusable(modality: str, features: Tensor, keys: Sequence[Key | None]) -> None:
+    """A vector that is not a finite unit vector is never served or stored (JSON would carry
+    NaN as null): the request is refused, naming the task whose prompts produced it."""
+    bad = unusable_rows(features)
+    if bad:
+        key = keys[bad[0]]
+        source = f"task {key[0]!r} (prompt version {key[1]})" if key else "the backbone"
+        raise UnusableVectorError(
+            f"task: {source} gives a non-finite or zero {modality} vector for this input", "task"
+        )
+
+
+@contextlib.contextmanager
+def request_fields() -> Iterator[None]:
+    """Store errors of /index and /search name the request field, not the store's argument."""
+    try:
+        yield
+    except StoreError as err:
+        err.field = _request_field(err.field)
+        raise
+
+
+@contextlib.contextmanager
+def point_fields() -> Iterator[None]:
+    """Store errors of /points/*: `ids[2]`, `offset`, `limit` as sent; filters as `filter`."""
+    try:
+        yield
+    except StoreError as err:
+        name = err.field or "task"
+        err.field = "filter" if name.startswith("filter") else name
+        raise
+
+
+@contextlib.contextmanager
+def admin_fields() -> Iterator[None]:
+    """Store errors of a load or promote: the artifact's width, or the version asked for."""
+    try:
+        yield
+    except StoreError as err:
+        err.field = {"dim": "artifact", "version": "version"}.get(err.field or "", "task")
+        raise
+
+
+def _request_field(field: str | None) -> str:
+    """The store's argument -> the request field that fed it: `ids[3]` -> `items[3].id`,
+    `payloads[2].a` -> `items[2].payload.a`, `vector` -> `query.vector`."""
+    name, bracket, rest = (field or "task").partition("[")
+    index, _, tail = rest.partition("]")
+    if name in ("ids", "payloads"):
+        leaf = ".id" if name == "ids" else ".payload"
+        return f"items[{index}]{leaf}{tail}" if bracket else "items"
+    if name.startswith("filter"):
+        return "filter"
+    return {
+        "vector": "query.vector",
+        "dim": "query.vector",
+        "vectors": "items",
+        "top_k": "top_k",
+    }.get(name, "task")
 
 
 def _lists(features: Tensor | None) -> list[list[float]] | None:

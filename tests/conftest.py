@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -11,10 +12,21 @@ import torch
 # the CPU interpreter whatever the test order.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Servers built by tests (Settings, `python -m server` subprocesses) compute in float32, so
+# their vectors meet the float32 tolerances of the suite whatever the CPU; the bf16 / fp16
+# paths are tested against them explicitly (tests/test_dtype.py).
+os.environ.setdefault("LPI_DTYPE", "float32")
+# In-process apps would otherwise set torch's (process-wide) thread count to the cores less one;
+# training that must reproduce the session's fixtures bit for bit needs the count they had.
+os.environ.setdefault("LPI_THREADS", str(torch.get_num_threads()))
 
 import pytest
 
 import lpi
+
+# `portal` and `connect`: the SDK twins over an in-process app (tests/client_twins.py);
+# `artifacts`, `backbone`, `app_settings`: the in-process app tests' (tests/app_fixtures.py).
+pytest_plugins = ["tests.client_twins", "tests.app_fixtures"]
 
 # Captions with different lengths, so text batches are ragged and EOT positions differ.
 CAPTIONS = [
@@ -55,28 +67,35 @@ def random_prompts(
     return prompts
 
 
+# The test suite's tiny bundle: export.bundle's default recipe with an LPI and a dense run.
+TINY_RECIPE = dict(methods=("lpi", "dense"), export=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory):
     """A small synthetic dataset, a tiny backbone, and short LPI and dense runs on it.
 
-    Trained for real by `python -m lpi.train` (1 epoch, 2 tasks), so export and evaluation
-    tests read exactly what users' runs write.
+    Built by `export.bundle.build_bundle` (the builder of the demo and the soak benchmark),
+    which trains for real through the API `python -m lpi.train` calls (1 epoch, 2 tasks), so
+    export and evaluation tests read exactly what users' runs write. Layout: data/,
+    backbone.safetensors, lpi/, dense/.
     """
-    from lpi.checkpoint import save_backbone
-    from lpi.continual.data import synthetic
-    from lpi.train import main as train_main
+    from export.bundle import BundleRecipe, build_bundle
 
     root = tmp_path_factory.mktemp("tiny-runs")
-    synthetic.main([
-        "--out", str(root / "data"), "--tasks", "2", "--train-per-task", "24",
-        "--test-per-task", "12", "--pretrain", "16", "--image-size", "32",
-    ])  # fmt: skip
-    backbone = save_backbone(lpi.load_backbone("tiny", seed=3), root / "backbone.safetensors")
-    for method in ("lpi", "dense"):
-        code = train_main([
-            "--manifest", str(root / "data" / "manifest.jsonl"), "--backbone", str(backbone),
-            "--out", str(root / method), "--method", method, "--layers", "2", "--tokens", "4",
-            "--epochs", "1", "--batch-size", "8", "--cache",
-        ])  # fmt: skip
-        assert code == 0
+    build_bundle(BundleRecipe(**TINY_RECIPE), root)
     return root
+
+
+@pytest.fixture(scope="session")
+def fused():
+    """The kernel module, imported under the interpreter (skip if triton came in without it)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from kernels import triton_prefix_attention
+
+    if not isinstance(triton_prefix_attention._prefix_attention_kernel, InterpretedFunction):
+        pytest.skip("kernels.triton_prefix_attention was imported before TRITON_INTERPRET=1")
+    return triton_prefix_attention

@@ -1,4 +1,4 @@
-"""The SDK twins and the `lpi` CLI against the real app, in-process (issue 7, items 1 and 3).
+"""The SDK twins and the `lpi` CLI against the real app, in-process.
 
 Every SDK test takes `connect`, which is parametrised over the twins: the sync `Client` through
 a sync transport that runs the app on a background event loop (an anyio portal, where the
@@ -10,7 +10,6 @@ that same loop. So one suite checks both, method for method. Retry and error map
 from __future__ import annotations
 
 import base64
-import functools
 import inspect
 import io
 import json
@@ -18,13 +17,9 @@ import math
 import subprocess
 import sys
 import uuid
-from datetime import UTC, datetime, timedelta
-from email.utils import format_datetime
 from pathlib import Path
 
-import httpx
 import pytest
-from anyio.from_thread import start_blocking_portal
 from PIL import Image
 
 import lpi
@@ -34,14 +29,7 @@ from clients import (
     BadRequestError,
     Client,
     ConflictError,
-    ConnectionFailed,
-    InvalidResponseError,
-    LpiError,
     NotFoundError,
-    OverloadedError,
-    RetryPolicy,
-    ServerError,
-    VersionChangedError,
     image_item,
     schema,
     text_item,
@@ -51,56 +39,12 @@ from clients.cli import main
 from export.tasks import export_run
 from server.app import create_app
 from server.settings import Settings
+from tests.client_twins import PortalTransport, Twin
 
-URL = "http://lpi.test"
 API, ADMIN = "query-key", "admin-key"
 
 
-class PortalTransport(httpx.BaseTransport):
-    """A sync transport over an ASGI app whose event loop runs in an anyio portal's thread."""
-
-    def __init__(self, app, portal) -> None:
-        self._asgi, self._portal = httpx.ASGITransport(app), portal
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        request.read()  # a buffered body streams to the async transport too
-
-        async def send() -> httpx.Response:
-            response = await self._asgi.handle_async_request(request)
-            content = await response.aread()
-            return httpx.Response(response.status_code, headers=response.headers, content=content)
-
-        return self._portal.call(send)
-
-
-class Twin:
-    """Either client behind one blocking face: async methods run on the portal's loop."""
-
-    def __init__(self, client: Client | AsyncClient, portal) -> None:
-        self.client, self.portal, self.sleeps = client, portal, []
-        if isinstance(client, AsyncClient):
-
-            async def sleep(seconds: float) -> None:
-                self.sleeps.append(seconds)
-
-            client._sleep = sleep
-        else:
-            client._sleep = self.sleeps.append
-
-    def __getattr__(self, name: str):
-        method = getattr(self.client, name)
-        if not inspect.iscoroutinefunction(method):
-            return method
-        return lambda *args, **kwargs: self.portal.call(functools.partial(method, *args, **kwargs))
-
-
 # -- fixtures -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def portal():
-    with start_blocking_portal() as portal:
-        yield portal
 
 
 @pytest.fixture(scope="module")
@@ -118,32 +62,16 @@ def artifacts(tiny_runs, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def app(artifacts, portal, tmp_path_factory):
     settings = Settings(
-        backbone=str(artifacts["backbone"]), data_dir=tmp_path_factory.mktemp("data"),
-        artifact_dir=artifacts["inbox"], store="memory", api_key=API, admin_key=ADMIN,
-    )  # fmt: skip
+        backbone=str(artifacts["backbone"]),
+        data_dir=tmp_path_factory.mktemp("data"),
+        artifact_dir=artifacts["inbox"],
+        store="memory",
+        api_key=API,
+        admin_key=ADMIN,
+    )
     app = create_app(settings)
     with portal.wrap_async_context_manager(app.router.lifespan_context(app)):
         yield app
-
-
-@pytest.fixture(params=["sync", "async"])
-def connect(request, portal):
-    """connect(app=...) or connect(transport=MockTransport(...)), plus client options."""
-    made: list[Twin] = []
-
-    def make(app=None, transport=None, **options) -> Twin:
-        if request.param == "sync":
-            transport = PortalTransport(app, portal) if app is not None else transport
-            twin = Twin(Client(URL, transport=transport, **options), portal)
-        else:
-            transport = httpx.ASGITransport(app) if app is not None else transport
-            twin = Twin(AsyncClient(URL, transport=transport, **options), portal)
-        made.append(twin)
-        return twin
-
-    yield make
-    for twin in made:
-        twin.close()
 
 
 @pytest.fixture
@@ -260,13 +188,16 @@ def test_index_and_search(client, artifacts, tmp_path):
     task = fresh_task(client, artifacts)
     red, blue = png((200, 10, 10)), png((10, 10, 200))
     (tmp_path / "blue.png").write_bytes(blue)
-    indexed = client.index(task, [
-        text_item("a red square", id="t1", payload={"colour": "red", "n": 1}),
-        image_item(red, id="i1", payload={"colour": "red"}),
-        {"text": "two blue circles", "id": "t2", "payload": {"colour": "blue"}},
-        schema.IndexItem(image=base64.b64encode(blue).decode(), id="i2"),
-        text_item("no id given"),
-    ])  # fmt: skip
+    indexed = client.index(
+        task,
+        [
+            text_item("a red square", id="t1", payload={"colour": "red", "n": 1}),
+            image_item(red, id="i1", payload={"colour": "red"}),
+            {"text": "two blue circles", "id": "t2", "payload": {"colour": "blue"}},
+            schema.IndexItem(image=base64.b64encode(blue).decode(), id="i2"),
+            text_item("no id given"),
+        ],
+    )
     assert indexed.ids[:4] == ["t1", "i1", "t2", "i2"] and indexed.serving
     uuid.UUID(indexed.ids[4])  # given by the client, so a retry cannot duplicate it
 
@@ -343,153 +274,6 @@ def test_invalid_calls_are_refused_before_sending(client):
         client.embed_images([1.5])
 
 
-# -- retries and error mapping, on a mock transport ---------------------------------------------
-
-
-class Script:
-    """A MockTransport handler answering from a list, one entry per request, counting them."""
-
-    def __init__(self, *answers) -> None:
-        self.answers, self.requests = list(answers), []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        answer = self.answers[min(len(self.requests), len(self.answers)) - 1]
-        if isinstance(answer, Exception):
-            raise answer
-        # A fresh response each time: one is read once, by one client.
-        return httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
-
-
-def error(status: int, kind: str = "x", field: str | None = None, **headers) -> httpx.Response:
-    body = {"error": {"type": kind, "message": f"{kind} happened", "field": field}}
-    return httpx.Response(status, json=body, headers=headers)
-
-
-OK = httpx.Response(200, json={"status": "ok"})
-
-
-def test_503_is_retried_with_backoff_and_jitter(connect):
-    script = Script(error(503, "overloaded"), error(503, "overloaded"), OK)
-    client = connect(transport=httpx.MockTransport(script))
-    assert client.health().status == "ok"
-    assert len(script.requests) == 3
-    first, second = client.sleeps  # halves of 0.5 s, then of 1 s
-    assert 0.25 <= first <= 0.5 and 0.5 <= second <= 1.0
-
-
-def test_retry_after_is_honoured_and_capped(connect):
-    later = format_datetime(datetime.now(UTC) + timedelta(seconds=20), usegmt=True)
-    script = Script(
-        error(503, **{"Retry-After": "7"}),
-        error(503, **{"Retry-After": "1000"}),
-        error(503, **{"Retry-After": later}),
-        OK,
-    )
-    client = connect(transport=httpx.MockTransport(script))
-    client.health()
-    assert len(script.requests) == 4
-    seven, capped, date = client.sleeps
-    assert 7 <= seven <= 7.7 and capped == RetryPolicy().max_retry_after and 18 <= date <= 22
-
-
-def test_retries_exhausted_raise_overloaded(connect):
-    script = Script(error(503, "overloaded", **{"Retry-After": "2"}))
-    client = connect(transport=httpx.MockTransport(script), retries=RetryPolicy(retries=2))
-    with pytest.raises(OverloadedError) as err:
-        client.list_tasks()
-    assert len(script.requests) == 3 and len(client.sleeps) == 2
-    assert (err.value.status, err.value.type, err.value.retry_after) == (503, "overloaded", 2.0)
-    assert isinstance(err.value, ServerError)
-
-    no_retries = Script(error(503))
-    with pytest.raises(OverloadedError):
-        connect(transport=httpx.MockTransport(no_retries), retries=0).health()
-    assert len(no_retries.requests) == 1
-
-
-@pytest.mark.parametrize(
-    ("status", "expected"),
-    [(400, BadRequestError), (401, AuthError), (403, AuthError), (404, NotFoundError),
-     (409, ConflictError), (413, BadRequestError), (422, BadRequestError)],
-)  # fmt: skip
-def test_4xx_is_never_retried(connect, status, expected):
-    script = Script(error(status, "refused", "texts"))
-    client = connect(transport=httpx.MockTransport(script))
-    with pytest.raises(expected) as err:
-        client.embed_texts(["a"])
-    assert len(script.requests) == 1 and not client.sleeps
-    assert (err.value.status, err.value.type, err.value.field) == (status, "refused", "texts")
-    assert str(err.value) == f"{status} refused: refused happened (field: texts)"
-
-
-@pytest.mark.parametrize("status", [500, 502, 504])
-def test_other_5xx_are_never_retried(connect, status):
-    answer = error(500, "internal") if status == 500 else httpx.Response(status, text="<html>")
-    script = Script(answer)
-    with pytest.raises(ServerError) as err:
-        connect(transport=httpx.MockTransport(script)).index("t", [text_item("a")])
-    assert len(script.requests) == 1 and not isinstance(err.value, OverloadedError)
-    assert err.value.status == status
-    if status != 500:
-        assert (err.value.type, err.value.message, err.value.body) == (
-            "http_error",
-            "<html>",
-            "<html>",
-        )
-
-
-@pytest.mark.parametrize(
-    "failure", [httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), httpx.ReadError("reset")]
-)
-def test_lost_connections_are_retried(connect, failure):
-    script = Script(failure, failure, OK)
-    client = connect(transport=httpx.MockTransport(script))
-    assert client.health().status == "ok" and len(script.requests) == 3
-
-    always = Script(failure)
-    client = connect(transport=httpx.MockTransport(always))
-    with pytest.raises(ConnectionFailed) as err:
-        client.health()
-    assert len(always.requests) == 4 and err.value.status is None
-    timeout = isinstance(failure, httpx.TimeoutException)
-    assert err.value.type == ("timeout" if timeout else "connection_failed")
-
-
-def test_not_ready_is_an_answer_not_a_retry(connect):
-    body = {"ready": False, "backbone": "b", "engine": "torch", "tasks": 0, "queue_rows": 9,
-            "reasons": ["the queue is full"]}  # fmt: skip
-    script = Script(httpx.Response(503, json=body))
-    ready = connect(transport=httpx.MockTransport(script)).ready()
-    assert not ready.ready and ready.reasons == ["the queue is full"]
-    assert len(script.requests) == 1
-
-
-def test_keys_go_to_their_calls_and_bodies_are_checked(connect):
-    script = Script(httpx.Response(200, json={"tasks": []}), httpx.Response(200, text="nope"))
-    client = connect(transport=httpx.MockTransport(script), api_key=API, admin_key=ADMIN)
-    client.list_tasks()
-    with pytest.raises(InvalidResponseError) as err:
-        client.unload_task("t", delete_vectors=True)
-    sent = script.requests
-    assert sent[0].headers["authorization"] == f"Bearer {API}"
-    assert sent[1].headers["authorization"] == f"Bearer {ADMIN}"
-    assert sent[1].url.params["delete_vectors"] == "true" and err.value.status == 200
-
-
-def test_chunks_of_two_prompt_versions_are_refused(connect):
-    def answer(version: str) -> httpx.Response:
-        return httpx.Response(200, json={
-            "task": "t", "prompt_version": version, "backbone": "b",
-            "text_embeddings": [[1.0, 0.0]], "prompt_versions": {"t": version},
-        })  # fmt: skip
-
-    client = connect(transport=httpx.MockTransport(Script(answer("v1"), answer("v2"))))
-    with pytest.raises(VersionChangedError) as err:
-        client.embed_texts(["a", "b"], "t", chunk_size=1)
-    assert err.value.field == "task" and isinstance(err.value, LpiError)
-
-
 # -- the CLI -------------------------------------------------------------------------------------
 
 
@@ -517,17 +301,22 @@ def test_cli_tasks_embed_index_search(lpi_cli, tmp_path):
     assert lpi_cli("tasks", "get", task)[1]["prompt_version"] == loaded["task"]["prompt_version"]
 
     (tmp_path / "red.png").write_bytes(png((200, 10, 10)))
-    code, embedded, _ = lpi_cli("embed", "--task", task, "--text", "a", "--text", "b",
-                                "--image", str(tmp_path / "red.png"))  # fmt: skip
+    code, embedded, _ = lpi_cli(
+        "embed", "--task", task, "--text", "a", "--text", "b", "--image", str(tmp_path / "red.png")
+    )
     assert code == 0 and len(embedded["text_embeddings"]) == 2
     assert len(embedded["image_embeddings"]) == 1
 
-    lines = [{"id": "t1", "text": "a red square", "payload": {"colour": "red"}},
-             {"text": "two blue circles", "payload": {"colour": "blue"}},
-             {"id": "i1", "image": "red.png"}, {"id": "t3", "text": "stripes"}]  # fmt: skip
+    lines = [
+        {"id": "t1", "text": "a red square", "payload": {"colour": "red"}},
+        {"text": "two blue circles", "payload": {"colour": "blue"}},
+        {"id": "i1", "image": "red.png"},
+        {"id": "t3", "text": "stripes"},
+    ]
     (tmp_path / "items.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    code, indexed, _ = lpi_cli("index", "--task", task, str(tmp_path / "items.jsonl"),
-                               "--chunk-size", "3", "--no-progress")  # fmt: skip
+    code, indexed, _ = lpi_cli(
+        "index", "--task", task, str(tmp_path / "items.jsonl"), "--chunk-size", "3", "--no-progress"
+    )
     assert code == 0 and indexed["count"] == 4 and indexed["serving"]
     assert indexed["ids"][0] == "t1" and indexed["ids"][2:] == ["i1", "t3"]
 
@@ -567,9 +356,24 @@ def test_cli_errors_exit_1_with_the_servers_message(lpi_cli, tmp_path):
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["embed"], ["index"], ["search"], ["tasks"], ["tasks", "list"], ["tasks", "get"],
-     ["tasks", "load"], ["tasks", "promote"], ["tasks", "unload"], ["health"]],
-)  # fmt: skip
+    [
+        [],
+        ["embed"],
+        ["index"],
+        ["search"],
+        ["tasks"],
+        ["tasks", "list"],
+        ["tasks", "get"],
+        ["tasks", "load"],
+        ["tasks", "promote"],
+        ["tasks", "unload"],
+        ["health"],
+        ["points"],
+        ["points", "count"],
+        ["points", "list"],
+        ["points", "delete"],
+    ],
+)
 def test_cli_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])

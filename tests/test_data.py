@@ -1,10 +1,9 @@
-"""Manifests (every bad input named by file and line), COCO/Karpathy readers on tiny fake
-annotations, the synthetic generator (deterministic, captions true to the pixels, tasks
-distinguishable), loaders (same batches with or without workers), Fashion-MNIST on fake IDX."""
+"""Manifests (every bad input named by file and line), the synthetic generator (deterministic,
+captions true to the pixels, tasks distinguishable), loaders (same batches with or without
+workers). The dataset readers are in test_data_readers.py."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 from collections import Counter
@@ -16,7 +15,7 @@ import torch
 from PIL import Image
 
 import lpi
-from lpi.continual.data import coco, fashion_mnist, loader, manifest, synthetic
+from lpi.continual.data import loader, manifest, synthetic, synthetic_tasks
 from lpi.continual.data.manifest import ManifestError, Record
 
 # --- manifest ----------------------------------------------------------------------------------
@@ -56,6 +55,16 @@ def test_manifest_round_trip(tmp_path):
     assert lines[2]["image"] == str(outside)  # outside it: stored absolute
     assert manifest.read_manifest(path, tasks=["animals"]) == records
     assert sorted(p.name for p in folder.iterdir()) == ["img", "m.jsonl"]  # no temp file left
+
+
+def test_manifest_of_paths_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """`--out data/x` gives records relative to the working directory, not to the manifest."""
+    monkeypatch.chdir(tmp_path)
+    image = _png(Path("data") / "x" / "images" / "a.png")  # relative, as the CLIs pass it
+    manifest.write_manifest(Path("data") / "x" / "m.jsonl", [Record(image, ("a",), "t", "train")])
+    monkeypatch.chdir(tmp_path / "data")  # read from elsewhere: the manifest's folder decides
+    [record] = manifest.read_manifest(Path("x") / "m.jsonl")
+    assert Path(record.image).resolve() == (tmp_path / "data" / "x" / "images" / "a.png")
 
 
 BAD_LINES = [
@@ -140,115 +149,6 @@ def test_manifest_helpers_keep_order():
 # --- COCO and Karpathy readers -----------------------------------------------------------------
 
 
-def _coco_files(folder: Path, split: str = "train2017") -> tuple[Path, Path]:
-    """Four images: 1 person (large) + food (small); 2 appliance; 3 only a crowd; 4 no instances."""
-    categories = [
-        {"id": 1, "name": "person", "supercategory": "person"},
-        {"id": 52, "name": "banana", "supercategory": "food"},
-        {"id": 78, "name": "microwave", "supercategory": "appliance"},
-    ]
-    images = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in (1, 2, 3, 4)]
-    instances = [
-        {"id": 10, "image_id": 1, "category_id": 52, "area": 50.0, "iscrowd": 0},
-        {"id": 11, "image_id": 1, "category_id": 1, "area": 900.0, "iscrowd": 0},
-        {"id": 12, "image_id": 2, "category_id": 78, "area": 10.0, "iscrowd": 0},
-        {"id": 13, "image_id": 2, "category_id": 1, "area": 5000.0, "iscrowd": 1},
-        {"id": 14, "image_id": 3, "category_id": 52, "area": 70.0, "iscrowd": 1},
-    ]
-    captions = [
-        {"id": 21, "image_id": 1, "caption": "A Man, eating a banana."},
-        {"id": 20, "image_id": 1, "caption": "Someone holds   fruit!"},
-        {"id": 22, "image_id": 2, "caption": "A microwave (open)."},
-        {"id": 23, "image_id": 3, "caption": "Bananas."},
-        {"id": 24, "image_id": 4, "caption": "An empty room."},
-    ]
-    folder.mkdir(parents=True, exist_ok=True)
-    caption_path = folder / f"captions_{split}.json"
-    instance_path = folder / f"instances_{split}.json"
-    caption_path.write_text(json.dumps({"images": images, "annotations": captions}))
-    instance_path.write_text(json.dumps({"categories": categories, "annotations": instances}))
-    return caption_path, instance_path
-
-
-def test_coco_tasks_follow_the_largest_annotation_and_the_protocol_order(tmp_path):
-    captions, instances = _coco_files(tmp_path)
-    records = coco.coco_records(captions, instances, tmp_path / "img", "train")
-    assert [(r.image.name, r.task) for r in records] == [
-        ("000000000002.jpg", "appliance"),  # the 5000-px crowd of people does not count
-        ("000000000003.jpg", "food"),  # only a crowd: it counts
-        ("000000000001.jpg", "person"),  # 900 px person beats the 50 px banana
-    ]  # image 4 has no instances; tasks arrive appliance ... food ... person
-    assert records[2].captions == ("someone holds fruit", "a man, eating a banana")
-    assert records[0].image == tmp_path / "img" / "000000000002.jpg"
-    assert coco.COCO_TASKS[0] == "appliance" and coco.COCO_TASKS[-1] == "person"
-    assert len(coco.coco_records(captions, instances, tmp_path, "train", max_per_task=0)) == 0
-
-
-def test_clean_caption_cuts_to_30_words():
-    assert coco.clean_caption("A  cat. On; a MAT!\n") == "a cat on a mat"
-    assert len(coco.clean_caption(" ".join(["word"] * 40)).split()) == 30
-
-
-def test_coco_cli_writes_a_valid_manifest(tmp_path):
-    for split in ("train2017", "val2017"):
-        _coco_files(tmp_path / "annotations", split)
-    out = tmp_path / "out" / "coco.jsonl"
-    coco.main(["coco", "--root", str(tmp_path), "--out", str(out), "--max-test-per-task", "1"])
-    records = manifest.read_manifest(out, tasks=["appliance", "food", "person"], check_images=False)
-    assert [r.split for r in records].count("test") == 3
-    assert records[0].image == tmp_path / "train2017" / "000000000002.jpg"
-
-
-def _karpathy(path: Path, with_filepath: bool) -> Path:
-    entries = []
-    for i, split in enumerate(["train", "restval", "val", "test", "test", "train"]):
-        entry = {"filename": f"{i}.jpg", "split": split, "cocoid": 100 + i}
-        entry["sentences"] = [{"raw": f"A photo number {i}.", "tokens": []}, {"raw": "  "}]
-        if with_filepath:
-            entry["filepath"] = "val2014"
-        entries.append(entry)
-    path.write_text(json.dumps({"images": entries, "dataset": "x"}))
-    return path
-
-
-def test_karpathy_records(tmp_path):
-    data = _karpathy(tmp_path / "dataset_coco.json", with_filepath=True)
-    records = coco.karpathy_records(data, tmp_path, "coco")
-    assert [r.split for r in records] == ["train", "train", "val", "test", "test", "train"]
-    assert records[0].image == tmp_path / "val2014" / "0.jpg"
-    assert records[0].captions == ("a photo number 0",)  # the blank sentence is dropped
-    by_id = coco.CocoTasks({100: "person", 103: "appliance", 104: "person"})
-    assert [(r.image.name, r.task) for r in coco.karpathy_records(data, tmp_path, by_id)] == [
-        ("3.jpg", "appliance"),
-        ("0.jpg", "person"),
-        ("4.jpg", "person"),
-    ]
-
-
-def test_karpathy_hash_tasks_are_stable(tmp_path):
-    data = _karpathy(tmp_path / "dataset_flickr30k.json", with_filepath=False)
-    hashed = coco.HashTasks(3, "flickr")
-    records = coco.karpathy_records(data, tmp_path, hashed)
-    assert records == coco.karpathy_records(data, tmp_path, hashed)
-    assert all(r.image.parent == tmp_path for r in records)  # Flickr has no filepath
-    order = [hashed.names.index(r.task) for r in records]
-    assert order == sorted(order)  # records arrive task by task
-    assert {r.task for r in records} <= set(hashed.names) == {"flickr-0", "flickr-1", "flickr-2"}
-    assert hashed({"filename": "0.jpg"}) == hashed({"filename": "0.jpg", "split": "x"})
-
-
-def test_readers_name_the_bad_file(tmp_path):
-    bad = tmp_path / "dataset.json"
-    bad.write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "dev", "sentences": []}]}))
-    with pytest.raises(ValueError, match=r"dataset\.json: images\[0\]: unknown split 'dev'"):
-        coco.karpathy_records(bad, tmp_path, "t")
-    bad.write_text("{")
-    with pytest.raises(ValueError, match=r"dataset\.json: malformed JSON"):
-        coco.karpathy_records(bad, tmp_path, "t")
-
-
-# --- synthetic images --------------------------------------------------------------------------
-
 SMALL = {"train_per_task": 40, "test_per_task": 20, "pretrain": 24, "image_size": 32}
 
 
@@ -283,7 +183,7 @@ def test_synthetic_writes_valid_manifests(synthetic_dir):
     assert all(fraction == 1.0 for fraction in summary["unique_test_captions"].values())
     words = {w for r in pretrain for c in r.captions for w in c.split()}
     assert {"small", "striped", "left"} <= words  # some also name size, texture, position
-    assert not words & {*synthetic.BACKGROUNDS, "background", "next", "and"}  # never grounds
+    assert not words & {*synthetic_tasks.BACKGROUNDS, "background", "next", "and"}  # never grounds
     assert not words & {"pattern", "coloured"}  # nor pairs, nor the tasks' templates
 
 
@@ -301,9 +201,9 @@ def test_synthetic_pretrain_captions_name_what_is_drawn(synthetic_dir):
         (thing,) = scene.things
         assert thing.texture == scene.attributes.get("texture", "plain")
         if "size" in scene.attributes:
-            assert abs(thing.radius / synthetic.SIZES[scene.attributes["size"]] - 1) <= 0.1
+            assert abs(thing.radius / synthetic_tasks.SIZES[scene.attributes["size"]] - 1) <= 0.1
         else:  # unnamed sizes stay big enough to learn shape from
-            assert thing.radius >= 0.9 * synthetic.SIZES["medium"]
+            assert thing.radius >= 0.9 * synthetic_tasks.SIZES["medium"]
 
 
 def test_synthetic_captions_name_the_drawn_attributes(synthetic_dir):
@@ -353,8 +253,22 @@ def test_synthetic_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         synthetic.main(["--help"])
     assert exit_.value.code == 0 and "--train-per-task" in capsys.readouterr().out
-    synthetic.main(["--out", str(tmp_path), "--tasks", "1", "--train-per-task", "3",
-                    "--test-per-task", "2", "--pretrain", "2", "--image-size", "16"])  # fmt: skip
+    synthetic.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--tasks",
+            "1",
+            "--train-per-task",
+            "3",
+            "--test-per-task",
+            "2",
+            "--pretrain",
+            "2",
+            "--image-size",
+            "16",
+        ]
+    )
     assert "shapes-colours: 6320 combinations" in capsys.readouterr().out
     assert manifest.tasks(manifest.read_manifest(tmp_path / "manifest.jsonl")) == ["shapes-colours"]
     with pytest.raises(ValueError, match=r"tasks must be in 1\.\.4"):
@@ -428,40 +342,3 @@ def test_eval_set_enumerates_every_caption(synthetic_dir):
 
 
 # --- Fashion-MNIST -----------------------------------------------------------------------------
-
-
-def _idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
-    with gzip.open(path, "wb") as file:
-        file.write(header + array.astype(np.uint8).tobytes())
-
-
-def _fake_fashion(root: Path, per_class: int = 8) -> Path:
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for prefix in ("train", "t10k"):
-        labels = np.repeat(np.arange(10), per_class)
-        _idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (len(labels), 28, 28)))
-        _idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return root
-
-
-def test_fashion_mnist_reads_idx_and_writes_a_manifest(tmp_path):
-    root = _fake_fashion(tmp_path / "idx")
-    images, labels = fashion_mnist.load_split(root, "test")
-    assert images.shape == (80, 28, 28) and labels.tolist()[:9] == [0] * 8 + [1]
-    unique = fashion_mnist.generate(tmp_path / "out", root, train_per_task=6, test_per_task=5)
-    assert unique == {"tops": 1.0, "footwear": 1.0, "other": 1.0}
-    records = manifest.read_manifest(tmp_path / "out" / "manifest.jsonl", tasks=["tops", "other"])
-    assert manifest.tasks(records) == ["tops", "footwear", "other"]
-    record = manifest.select(records, "footwear", "test")[0]
-    assert any(name in record.captions[0] for name in ("sandal", "sneaker", "ankle boot"))
-    (root / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0\0\x0d\x01\0\0\0\x01"))
-    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte\.gz: not an unsigned-byte"):
-        fashion_mnist.load_split(root, "test")
-
-
-@pytest.mark.skipif(not fashion_mnist.DEFAULT_ROOT.is_dir(), reason="dataset-fashion-mnist absent")
-def test_fashion_mnist_installed_files():
-    images, labels = fashion_mnist.load_split(fashion_mnist.DEFAULT_ROOT, "test")
-    assert images.shape == (10000, 28, 28) and np.bincount(labels).tolist() == [1000] * 10

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 import export
 import lpi
 from export.__main__ import main as export_main
-from export.artifact import tensors_digest
+from export.artifact import content_version, tensors_digest
 from export.importer import import_dense
 from export.tasks import RunExportError, export_run
 from lpi.continual.methods import new_prompts
@@ -94,7 +94,8 @@ def test_prompt_version_is_the_content(exported, tiny_runs, backbone, tmp_path):
 
 
 def _rewrite(src, dst, edit_tensors=None, edit_meta=None, fix_checksum=True):
-    """Copy an artifact with edited tensors or metadata (checksum recomputed unless asked)."""
+    """Copy an artifact with edited tensors or metadata (checksum and prompt version
+    recomputed, as a writer would, unless asked)."""
     with safe_open(str(src), framework="pt") as handle:
         meta = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
@@ -104,6 +105,7 @@ def _rewrite(src, dst, edit_tensors=None, edit_meta=None, fix_checksum=True):
         edit_meta(meta)
     if fix_checksum:
         meta["checksum"] = tensors_digest(tensors)
+        meta["prompt_version"] = content_version(meta["checksum"])
     save_file(tensors, str(dst), metadata={k: json.dumps(v) for k, v in meta.items()})
     return dst
 

@@ -1,4 +1,4 @@
-"""Faults with a real server process (issue 8, item 2): SIGKILL while indexing, while loading.
+"""Faults with a real server process: SIGKILL while indexing, while loading.
 
 Each test runs `python -m server` as a subprocess on a free loopback port with the tiny backbone
 and the tiny runs' artifacts, kills it with SIGKILL at a bad moment, restarts it on the same data
@@ -24,10 +24,7 @@ import itertools
 import json
 import os
 import random
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -38,6 +35,7 @@ import pytest
 import lpi
 from export import read_artifact, write_artifact
 from lpi.atomic import TEMP_GLOB
+from server.testing import ServerProcess
 from tests.server_helpers import (
     cosines,
     create_app,
@@ -48,12 +46,10 @@ from tests.server_helpers import (
     settings,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 TASK = "t"
 TEXTS = ["a red square", "two small blue circles"]
 MIN_COSINE = 0.9999  # same fp32 math as the direct call; only summation order differs
 SCORE_TOLERANCE = 1e-4  # a stored vector against the same text embedded again: cosine 1
-START_TIMEOUT_S = 120.0  # torch + qdrant imports take 5-15 s on a busy 2-core machine
 BATCH, SENDERS, KILL_AFTER = 4, 2, 25  # items per /index, client threads, acks before the kill
 
 
@@ -68,52 +64,6 @@ def backbone(tiny_runs):
     return lpi.load_backbone(tiny_runs / "backbone.safetensors")
 
 
-# -- the server process -------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m server` on a free loopback port; `kill()` sends SIGKILL."""
-
-    def __init__(self, argv: list[str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "server", *argv, "--port", str(self.port)],
-                cwd=REPO,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"the server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"the server was not ready after {START_TIMEOUT_S} s:\n{self.log_tail()}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-
 @pytest.fixture
 def launch(tiny_runs, artifacts, tmp_path):
     """start(data_dir, store) -> a ready server; every one started is killed at teardown."""
@@ -122,14 +72,24 @@ def launch(tiny_runs, artifacts, tmp_path):
 
     def start(data_dir: Path, store: str = "local") -> ServerProcess:
         argv = [
-            "--backbone", str(tiny_runs / "backbone.safetensors"), "--data-dir", str(data_dir),
-            "--artifact-dir", str(inbox), "--store", store, "--threads", "1",
-            "--max-wait-ms", "2", "--log-level", "warning",
-        ]  # fmt: skip
-        server = ServerProcess(argv, tmp_path / "server.log")
+            "--backbone",
+            str(tiny_runs / "backbone.safetensors"),
+            "--data-dir",
+            str(data_dir),
+            "--artifact-dir",
+            str(inbox),
+            "--store",
+            store,
+            "--threads",
+            "1",
+            "--max-wait-ms",
+            "2",
+            "--log-level",
+            "warning",
+        ]
+        server = ServerProcess(argv, log_path=tmp_path / "server.log")
         started.append(server)
-        server.wait_ready()
-        return server
+        return server.start()
 
     try:
         yield start
@@ -347,9 +307,11 @@ def test_sigkill_during_a_task_load_leaves_a_whole_version(launch, artifacts, ba
     # Whatever the kills left behind, loading the other version now works...
     target = other[by_version[version]]
     answer = httpx.put(
-        f"{server.url}/tasks/{TASK}", content=target.read_bytes(), timeout=60,
+        f"{server.url}/tasks/{TASK}",
+        content=target.read_bytes(),
+        timeout=60,
         headers={"content-type": "application/octet-stream"},
-    )  # fmt: skip
+    )
     assert answer.status_code == 200, answer.text
     assert check_serves_whole_version(server, by_version, backbone) != version
     version = answer.json()["task"]["prompt_version"]
@@ -359,9 +321,11 @@ def test_sigkill_during_a_task_load_leaves_a_whole_version(launch, artifacts, ba
     foreign = other_backbone_artifact(target, tmp_path / "foreign.safetensors")
     for body, why in ((bytes(corrupt), "checksum"), (foreign.read_bytes(), "backbone")):
         answer = httpx.put(
-            f"{server.url}/tasks/{TASK}", content=body, timeout=60,
+            f"{server.url}/tasks/{TASK}",
+            content=body,
+            timeout=60,
             headers={"content-type": "application/octet-stream"},
-        )  # fmt: skip
+        )
         assert answer.status_code == 422 and answer.json()["error"]["field"] == "artifact"
         assert why in answer.json()["error"]["message"], answer.text
     assert check_serves_whole_version(server, by_version, backbone) == version

@@ -1,8 +1,8 @@
-"""The fold of spec section 6 against the materialised prefix of the reference path.
+"""The fold of METHOD.md §6 against the materialised prefix of the reference path.
 
 The reference is `lpi.task_prefix` run on a float64 copy of the backbone (its own LayerNorm and
 projection modules), independent of the fold's algebra. Tolerance: relative error <= 1e-5, as
-the spec requires of every export; in float64 the closed form is exact to ~1e-15.
+the method requires of every export; in float64 the closed form is exact to ~1e-15.
 """
 
 from __future__ import annotations

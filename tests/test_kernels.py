@@ -12,11 +12,6 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on the CPU
 
-import importlib.util
-import math
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,105 +19,17 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import dispatch, reference
-
-REPO = Path(__file__).resolve().parents[1]
-requires_triton = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None,
-    reason="triton is not installed, so the fused kernel cannot run even under TRITON_INTERPRET=1",
+from kernels import reference
+from tests.kernel_cases import (
+    CASES,
+    LOW_PRECISION_CASES,
+    MASKS,
+    make_inputs,
+    naive_prefix_attention,
+    requires_triton,
 )
 
-
-@dataclass(frozen=True)
-class Case:
-    B: int
-    H: int
-    T: int
-    d: int
-    N: int
-    R: int
-    S: int = 3
-
-    def __str__(self) -> str:
-        return f"B{self.B}-H{self.H}-T{self.T}-d{self.d}-N{self.N}-R{self.R}-S{self.S}"
-
-
-# Head sizes 4..64 (24 is not a power of two), ranks 1..17, prefixes 1..70, T 1..70 with 5, 7, 17.
-CASES = [
-    Case(B=1, H=1, T=1, d=4, N=1, R=1, S=1),
-    Case(B=2, H=2, T=5, d=8, N=4, R=2),
-    Case(B=3, H=1, T=7, d=16, N=16, R=5),
-    Case(B=4, H=2, T=17, d=32, N=7, R=16),
-    Case(B=3, H=2, T=20, d=24, N=3, R=17),
-    Case(B=2, H=1, T=70, d=8, N=5, R=3),  # two token tiles: the causal cut-off between tiles
-    Case(B=2, H=1, T=6, d=8, N=70, R=4),  # two prefix tiles
-    Case(B=4, H=2, T=16, d=16, N=16, R=5, S=6),
-    Case(B=2, H=1, T=9, d=64, N=16, R=16),  # ViT-B's head size, a dense (U = I sized) rank
-]
-LOW_PRECISION_CASES = [CASES[1], CASES[3], CASES[4], CASES[5], CASES[8]]
-MASKS = [(False, False), (True, False), (False, True), (True, True)]  # (causal, padding)
-
-
-def make_inputs(case: Case, causal: bool, padding: bool, dtype=torch.float32, seed: int = 0):
-    """Fresh random inputs; slots mix -1 and pool slots; pool entries K_p ~ N(0, 1)."""
-    g = torch.Generator().manual_seed(seed)
-    B, H, T, d, N, R, S = case.B, case.H, case.T, case.d, case.N, case.R, case.S
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(dtype)
-
-    q, k, v = randn(B, H, T, d), randn(B, H, T, d), randn(B, H, T, d)
-    U_K, M_K = randn(S, N, R, scale=R**-0.5), randn(S, R, H * d)
-    U_V, M_V = randn(S, N, R, scale=R**-0.5), randn(S, R, H * d)
-    slots = torch.randint(-1, S, (B,), generator=g, dtype=torch.int32)
-    if B > 1:
-        slots[0], slots[-1] = -1, S - 1
-    mask = None
-    if padding:
-        mask = torch.rand(B, T, generator=g) < 0.7
-        mask[:, 0] = True
-    return (q, k, v, slots, U_K, M_K, U_V, M_V), {"causal": causal, "key_padding_mask": mask}
-
-
-def naive_prefix_attention(q, k, v, slots, U_K, M_K, U_V, M_V, causal, key_padding_mask):
-    """Row by row, head by head, explicit softmax in float64; shares no code with the reference."""
-    B, H, T, d = q.shape
-    out = torch.zeros(B, H, T, d, dtype=torch.float64)
-    for b in range(B):
-        seen = torch.ones(T, T, dtype=torch.bool)
-        if key_padding_mask is not None:
-            seen &= key_padding_mask[b][None, :]
-        if causal:
-            seen &= torch.ones(T, T, dtype=torch.bool).tril()
-        for h in range(H):
-            keys, values, visible = k[b, h].double(), v[b, h].double(), seen
-            if slots[b] >= 0:
-                s, cols = int(slots[b]), slice(h * d, (h + 1) * d)
-                prefix_k = torch.einsum("nr,rd->nd", U_K[s].double(), M_K[s, :, cols].double())
-                prefix_v = torch.einsum("nr,rd->nd", U_V[s].double(), M_V[s, :, cols].double())
-                keys, values = torch.cat([prefix_k, keys]), torch.cat([prefix_v, values])
-                visible = torch.cat([torch.ones(T, len(prefix_k), dtype=torch.bool), seen], 1)
-            scores = torch.einsum("td,nd->tn", q[b, h].double(), keys) / math.sqrt(d)
-            for t in range(T):
-                if visible[t].any():
-                    row = scores[t][visible[t]]
-                    weights = torch.exp(row - row.max())
-                    out[b, h, t] = (weights / weights.sum()) @ values[visible[t]]
-    return out
-
-
-@pytest.fixture(scope="module")
-def fused():
-    """The kernel module, imported under the interpreter (skip if triton came in without it)."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from kernels import triton_prefix_attention
-
-    if not isinstance(triton_prefix_attention._prefix_attention_kernel, InterpretedFunction):
-        pytest.skip("kernels.triton_prefix_attention was imported before TRITON_INTERPRET=1")
-    return triton_prefix_attention
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(("causal", "padding"), MASKS)
@@ -290,68 +197,6 @@ def test_kernel_rejects_bad_inputs(fused, position, bad, message):
         fused.prefix_attention(*args, **kwargs)
 
 
-def test_dispatch_uses_reference_on_cpu(monkeypatch):
-    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
-    assert kernels.attention_backend(torch.device("cpu")) == "reference"
-    args, kwargs = make_inputs(CASES[2], causal=True, padding=True)
-    expected = reference.prefix_attention(*args, **kwargs)
-    assert torch.equal(kernels.prefix_attention(*args, **kwargs), expected)
-
-
-def test_dispatch_gradients_need_the_reference(monkeypatch):
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "auto")
-    assert kernels.attention_backend(torch.device("cuda"), needs_grad=True) == "reference"
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
-    with pytest.raises(RuntimeError, match="no backward"):
-        kernels.attention_backend(torch.device("cuda"), needs_grad=True)
-
-
-@requires_triton
-def test_dispatch_env_forces_triton_under_interpreter(monkeypatch, fused):
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
-    calls = []
-    launcher = fused.prefix_attention
-    monkeypatch.setattr(
-        fused, "prefix_attention", lambda *a, **kw: calls.append(1) or launcher(*a, **kw)
-    )
-    args, kwargs = make_inputs(CASES[2], causal=False, padding=True)
-    out = kernels.prefix_attention(*args, **kwargs)
-    assert calls, "LPI_ATTENTION_BACKEND=triton did not reach the Triton launcher"
-    # fp32 against fp32: summation order only (see test_kernel_matches_reference_fp32).
-    torch.testing.assert_close(
-        out, reference.prefix_attention(*args, **kwargs), atol=1e-5, rtol=1e-5
-    )
-
-
-def test_dispatch_env_errors(monkeypatch):
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "cuda")
-    with pytest.raises(ValueError, match="auto, triton, reference"):
-        kernels.attention_backend(torch.device("cpu"))
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
-    monkeypatch.delenv("TRITON_INTERPRET")
-    if importlib.util.find_spec("triton") is not None:
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-            kernels.attention_backend(torch.device("cpu"))
-
-
-def test_import_kernels_never_imports_triton():
-    """`import kernels` and the CPU path work with triton absent (blocked from importing)."""
-    code = (
-        "import sys; sys.modules['triton'] = None\n"
-        "import torch, kernels\n"
-        "q = torch.randn(2, 1, 3, 4)\n"
-        "pool = [torch.randn(1, 2, 1), torch.randn(1, 1, 4)] * 2\n"
-        "slots = torch.tensor([0, -1], dtype=torch.int32)\n"
-        "out = kernels.prefix_attention(q, q, q, slots, *pool, causal=True)\n"
-        "assert out.shape == q.shape and sys.modules['triton'] is None\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop(dispatch.BACKEND_ENV, None)
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-
-
-@requires_triton
 def test_kernel_writes_the_layout_merge_heads_wants(fused):
     """[B, H, T, d] returned as a view of [B, T, H, d] memory: merging heads is free."""
     args, kwargs = make_inputs(CASES[3], causal=True, padding=False, seed=8)
@@ -359,63 +204,3 @@ def test_kernel_writes_the_layout_merge_heads_wants(fused):
     assert out.shape == args[0].shape and out.transpose(1, 2).is_contiguous()
     merged = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)  # merge_heads
     assert merged.data_ptr() == out.data_ptr()  # a view, no copy
-
-
-@pytest.mark.parametrize(
-    ("position", "bad", "message"),
-    [
-        (3, lambda t: t.new_tensor([0, 3]), r"\[-1, 3\)"),
-        (3, lambda t: t.new_tensor([-2, 0]), r"\[-1, 3\)"),
-        (2, lambda t: t.to("meta"), "v is on meta"),
-    ],
-    ids=["slot-past-pool", "slot-below-none", "device"],
-)
-def test_reference_rejects_bad_inputs(position, bad, message):
-    args, kwargs = make_inputs(CASES[1], causal=False, padding=False)
-    args = list(args)
-    args[position] = bad(args[position])
-    with pytest.raises(ValueError, match=message):
-        reference.prefix_attention(*args, **kwargs)
-
-
-@pytest.mark.parametrize("use_kernel", [False, True], ids=["reference", "kernel"])
-def test_key_padding_mask_on_another_device_is_refused(use_kernel, request):
-    """The reference and the kernel agree: the mask must sit with q (it used to pass one and
-    not the other)."""
-    args, kwargs = make_inputs(CASES[1], causal=False, padding=True)
-    kwargs["key_padding_mask"] = kwargs["key_padding_mask"].to("meta")
-    attend = request.getfixturevalue("fused").prefix_attention if use_kernel else None
-    with pytest.raises(ValueError, match="key_padding_mask is on meta"):
-        (attend or reference.prefix_attention)(*args, **kwargs)
-
-
-def test_reference_past_the_grid_limit():
-    """B*H = 65,544 > 65,535 (CUDA's grid-y cap, which the kernel's 1-D grid avoids): each row
-    still equals the same row attended alone."""
-    B, H, T, d, N, R = 5462, 12, 2, 4, 3, 2
-    g = torch.Generator().manual_seed(9)
-    q, k, v = (torch.randn(B, H, T, d, generator=g) for _ in "qkv")
-    pool = [torch.randn(2, N, R, generator=g), torch.randn(2, R, H * d, generator=g)] * 2
-    slots = (torch.arange(B) % 3 - 1).to(torch.int32)
-    out = reference.prefix_attention(q, k, v, slots, *pool, causal=True)
-    tail = slice(B - 3, B)
-    alone = reference.prefix_attention(q[tail], k[tail], v[tail], slots[tail], *pool, causal=True)
-    # The same fp32 SDPA on the same rows: only batching order could differ.
-    torch.testing.assert_close(out[tail], alone, atol=1e-6, rtol=1e-6)
-
-
-@requires_triton
-def test_launch_limits_on_shapes_alone(fused):
-    """Meta tensors (shapes and strides, no memory): a batch past 2^31 elements and past 65,535
-    row-heads passes the checks with a 1-D grid; a single row past 32-bit offsets is refused."""
-    B, H, T, d, N, R, S = 5600, 12, 197, 64, 16, 5, 4
-    qkv = torch.empty(B, T, 3 * H * d, device="meta", dtype=torch.float16)
-    q, k, v = (t.view(B, T, H, d).transpose(1, 2) for t in qkv.chunk(3, -1))
-    assert B * T * 3 * H * d > 2**31 and B * H > 65_535
-    pool = [torch.empty(S, N, R, device="meta"), torch.empty(S, R, H * d, device="meta")] * 2
-    slots = torch.empty(B, dtype=torch.int32, device="meta")
-    fused.check_kernel_layout(q, k, v, slots, *pool)
-    assert fused._programs(q, 64) == 4 * B * H  # one axis: CUDA allows 2^31 - 1 programs
-    wide = torch.empty(1, 1, 2**20, 2**12, device="meta").transpose(1, 2)  # a 2^32-element row
-    with pytest.raises(ValueError, match="past 32-bit offsets"):
-        fused.check_kernel_layout(wide, wide, wide, slots[:1], *pool)

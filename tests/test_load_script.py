@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import stat
 import threading
 import time
 
@@ -41,9 +43,12 @@ def server(tiny_runs, inbox, tmp_path):
     """The app on 127.0.0.1:<free port> in a thread; yields (url, task, versions)."""
     folder, first, second = inbox
     settings = Settings(
-        backbone=str(tiny_runs / "backbone.safetensors"), data_dir=tmp_path / "data",
-        artifact_dir=folder, store="memory", threads=1,
-    )  # fmt: skip
+        backbone=str(tiny_runs / "backbone.safetensors"),
+        data_dir=tmp_path / "data",
+        artifact_dir=folder,
+        store="memory",
+        threads=1,
+    )
     config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning")
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -83,9 +88,15 @@ def test_requests_made_are_counted_with_one_swap_and_outputs_written(server, tmp
     url, task, (first, second) = server
     before = served_embeds(url)
     config = load.LoadConfig(
-        url=url, modality="mixed", items_per_request=2, concurrency=(2,), duration_s=1.0,
-        swap_interval_s=0.6, swap_artifacts=(f"dense/{second.path.name}",), warmup=0,
-    )  # fmt: skip
+        url=url,
+        modality="mixed",
+        items_per_request=2,
+        concurrency=(2,),
+        duration_s=1.0,
+        swap_interval_s=0.6,
+        warmup=0,
+        swap_artifacts=(f"dense/{second.path.name}", f"lpi/{first.path.name}"),
+    )
     record = asyncio.run(load.run(config))
     report = load.summarise(record)
     paths = load.write_report(report, tmp_path / "out")
@@ -115,7 +126,15 @@ def test_requests_made_are_counted_with_one_swap_and_outputs_written(server, tmp
     )
     assert len(saved["samples"]) == level["requests"]
     with Image.open(paths["png"]) as image:
-        assert image.format == "PNG" and image.size == (1000, 520)
+        assert image.format == "PNG" and image.size == (1200, 650)  # matplotlib, 12 x 6.5 in
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths.values():  # ordinary permissions, not tempfile's 0600
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644 & ~umask
+    # The task is back on its starting version: the never-swapped artifact made it again.
+    assert [w.version for w in record.restores] == [first.prompt_version]
+    now = httpx.get(f"{url}/tasks/{task}").json()
+    assert now["prompt_version"] == first.prompt_version and saved["restores"][0]["changed"]
     header, _, row = table.splitlines()
     assert "p95 ms" in header and row.split()[:2] == ["2", str(level["requests"])]
 
@@ -153,10 +172,21 @@ def test_version_checks_catch_unknown_and_stale_versions():
     assert [s.error for s in record.samples] == [None] * 5 + ["version"]
 
 
+def test_a_run_without_bounds_lasts_the_documented_default(monkeypatch, tmp_path):
+    config = load.LoadConfig().check()
+    assert config.level_seconds == load.DEFAULT_DURATION_S == 10.0
+    assert load.LoadConfig(requests=5).check().level_seconds is None
+    config, _ = load.parse_args(["--concurrency", "2"])
+    assert config.level_seconds == 10.0
+    # Without matplotlib the JSON is written and the PNG is left out, with a log line.
+    monkeypatch.setattr("clients.load.plot.have_matplotlib", lambda: False)
+    report = {"samples": [], "swaps": [], "sample_fields": []}
+    paths = load.write_report(report, tmp_path)
+    assert paths["png"] is None and json.loads(paths["json"].read_text()) == report
+
+
 def test_unbounded_or_contradictory_runs_are_refused():
-    with pytest.raises(ValueError, match="bounded"):
-        load.LoadConfig().check()
-    with pytest.raises(ValueError, match="bounded"):
+    with pytest.raises(ValueError, match="not both"):
         load.LoadConfig(duration_s=1, requests=1).check()
     with pytest.raises(ValueError, match="duration"):
         load.LoadConfig(duration_s=load.MAX_DURATION_S + 1).check()

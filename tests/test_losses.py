@@ -1,4 +1,4 @@
-"""The losses of spec section 4 against direct, loop-by-loop formulations."""
+"""The losses of METHOD.md §4 against direct, loop-by-loop formulations."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""ONNX towers vs torch (STYLE.md habit 5): one graph per tower serves every task and none.
+"""ONNX towers vs torch (a fast path's slow twin): one graph per tower serves every task and none.
 
 Tolerance on unit-norm float32 features: cosine >= 0.9999 per row and max |diff| <= 1e-4. The
 graph runs torch's float32 arithmetic with onnxruntime's kernels and summation orders
 (differences seen: ~3e-7); 1e-4 leaves room for other CPUs' kernels, while a wrong mask, layer
-or scale moves features by 1e-2 or more. float16 graphs: cosine >= 0.999 per row (STYLE.md 7).
+or scale moves features by 1e-2 or more. float16 graphs: cosine >= 0.999 per row
+(the cross-backend bound).
 
 One export of the tiny backbone (through the CLI function) serves the module: ~30 s of tracing.
 """
@@ -25,7 +26,9 @@ pytest.importorskip("onnxscript")  # torch.onnx's dynamo exporter
 
 import lpi
 from export import onnx_export
-from export.onnx_export import OnnxManifestError, OnnxTowers, add_onnx_arguments, run_onnx
+from export.onnx_cli import add_onnx_arguments, run_onnx
+from export.onnx_export import OnnxExportOptions
+from export.onnx_runtime import OnnxManifestError, OnnxTowers, sha256_file
 from tests.conftest import CAPTIONS, random_pixels, random_prompts
 
 LAYERS, TOKENS = 3, 4  # random_prompts' shape
@@ -39,9 +42,10 @@ def cli(*argv: str) -> argparse.Namespace:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """The tiny backbone (seed 0, as tiny_backbone) exported with its fp16 graphs."""
+    """The tiny backbone (seed 0, as tiny_backbone) exported with its fp16 and int8 graphs."""
     out = tmp_path_factory.mktemp("onnx")
-    code = run_onnx(cli("--backbone", "tiny", "--out", str(out), "--layers", "3", "--tokens", "4"))
+    argv = ("--backbone", "tiny", "--out", str(out), "--layers", "3", "--tokens", "4")
+    code = run_onnx(cli(*argv, "--quantize", "int8"))
     assert code == 0
     return out
 
@@ -127,7 +131,7 @@ def test_manifest_names_backbone_shapes_files_and_checks(exported, tiny_backbone
         check = manifest["checks"][tower]["float32"]
         assert check["passed"] and check["min_cosine"] >= MIN_COSINE and check["inactive_rows"]
         entry = manifest["files"][tower]["float32"]
-        assert onnx_export.sha256_file(exported / entry["file"]) == entry["sha256"]
+        assert sha256_file(exported / entry["file"]) == entry["sha256"]
     assert not list(exported.glob(".*.tmp"))
 
 
@@ -157,7 +161,7 @@ def test_fp16_graphs_are_kept_when_they_hold(exported, tiny_backbone, bank, gene
     with torch.no_grad():
         want_image = tiny_backbone.encode_image(pixels, image)
         want_text = tiny_backbone.encode_text(token_ids, text)
-    # STYLE.md 7: 0.999 per row across backends; fp16 rounding (~1e-3 relative) has no abs bound.
+    # 0.999 per row across backends; fp16 rounding (~1e-3 relative) has no abs bound.
     got = half.encode_image(pixels, *prefix_args(image))
     assert_rows_match(got, want_image, min_cosine=0.999, max_diff=None)
     got = half.encode_text(token_ids, *prefix_args(text))
@@ -169,7 +173,8 @@ def test_fp16_graph_that_does_not_hold_is_skipped_with_a_reason(
 ):
     monkeypatch.setitem(onnx_export.MIN_COSINE, "float16", 1.5)  # no graph can hold this
     with caplog.at_level(logging.WARNING, logger="export.onnx_export"):
-        entry, check = onnx_export._try_fp16(tiny_backbone, "image", tmp_path, 3, 4, 18)
+        options = OnnxExportOptions(layers=3, tokens=4, opset=18)
+        entry, check = onnx_export._try_fp16(tiny_backbone, "image", tmp_path, options)
     assert entry is None and not check["kept"] and "below 1.5" in check["reason"]
     assert "image.fp16.onnx skipped" in caplog.text
     assert list(tmp_path.iterdir()) == []  # no graph and no temp file left behind
@@ -218,22 +223,105 @@ def test_cli_help_names_every_option(capsys):
         export_main(["onnx", "--help"])
     text = capsys.readouterr().out
     assert done.value.code == 0
-    for option in ("--backbone", "--out", "--layers", "--tokens", "--opset", "--no-fp16"):
+    options = ("--backbone", "--out", "--layers", "--tokens", "--opset", "--no-fp16", "--quantize")
+    for option in (*options, "--exporter"):
         assert option in text
 
 
 def test_cli_caps_layers_at_depth_and_forwards_no_fp16(monkeypatch, tmp_path):
     seen = {}
 
-    def fake_export(backbone, out, layers, tokens, opset, fp16):
-        seen.update(layers=layers, tokens=tokens, opset=opset, fp16=fp16)
+    def fake_export(backbone, out, layers, tokens, opset, fp16, quantize=None, exporter=None):
+        seen.update(layers=layers, tokens=tokens, opset=opset, fp16=fp16, quantize=quantize)
+        seen.update(exporter=exporter)
         return {"files": {"image": {}, "text": {}}}
 
     monkeypatch.setattr(onnx_export, "export_towers", fake_export)
     assert run_onnx(cli("--backbone", "tiny", "--out", str(tmp_path), "--no-fp16")) == 0
-    assert seen == {"layers": 4, "tokens": 16, "opset": 18, "fp16": False}
+    assert seen == {
+        "layers": 4,
+        "tokens": 16,
+        "opset": 18,
+        "fp16": False,
+        "quantize": None,
+        "exporter": "torchscript",
+    }
 
 
 def test_cli_unknown_backbone_exits_2(tmp_path, caplog):
     assert run_onnx(cli("--backbone", str(tmp_path / "missing.pt"), "--out", str(tmp_path))) == 2
     assert "does not exist" in caplog.text
+
+
+# ---------------------------------------------------------------------------------- int8
+
+
+def test_int8_graphs_hold_their_cosine_bound_and_are_served_by_default(
+    exported, tiny_backbone, bank, generator
+):
+    """Dynamic int8 (weights per channel): cosine >= 0.99 per row against torch float32 on
+    fresh inputs, mixed with bare rows; no absolute bound (quantisation steps are ~1e-2 of a
+    weight's range). `auto` serves int8 where the export holds it."""
+    from export.onnx_runtime import pick_precision
+
+    manifest = json.loads((exported / "onnx.json").read_text())
+    for tower in ("image", "text"):
+        check = manifest["checks"][tower]["int8"]
+        assert (
+            check["kept"] and check["min_cosine"] >= 0.99 and check["min_cosine_required"] == 0.99
+        )
+        entry = manifest["files"][tower]["int8"]
+        assert sha256_file(exported / entry["file"]) == entry["sha256"]
+    assert pick_precision(exported)[0] == "int8"
+    int8 = OnnxTowers(exported, backbone=tiny_backbone, precision="int8", threads=1)
+    pixels, token_ids = random_pixels(tiny_backbone, 5, generator), texts(5, trim=True)
+    image, text = bank.prefixes(tiny_backbone, ROWS[5])
+    with torch.no_grad():
+        want_image = tiny_backbone.encode_image(pixels, image)
+        want_text = tiny_backbone.encode_text(token_ids, text)
+    got = int8.encode_image(pixels, *prefix_args(image))
+    assert_rows_match(got, want_image, min_cosine=0.99, max_diff=None)
+    got = int8.encode_text(token_ids, *prefix_args(text))
+    assert_rows_match(got, want_text, min_cosine=0.99, max_diff=None)
+
+
+def test_a_changed_int8_graph_or_another_backbone_is_refused(exported, tmp_path):
+    copy = shutil.copytree(exported, tmp_path / "copy")
+    with open(copy / "image.int8.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(OnnxManifestError, match="sha256"):
+        OnnxTowers(copy, precision="int8")
+    other = lpi.load_backbone("tiny", seed=1)
+    with pytest.raises(OnnxManifestError, match="not from the given backbone"):
+        OnnxTowers(exported, backbone=other, precision="int8")
+
+
+def test_int8_graph_below_its_bound_is_refused(tiny_backbone, tmp_path, monkeypatch):
+    """A quantised graph that misses its cosine bound is never installed, the manifest says
+    why, the float32 graphs stay, and the export fails (the CLI exits 1)."""
+    monkeypatch.setitem(onnx_export.MIN_COSINE, "int8", 1.5)  # no graph can hold this
+    with pytest.raises(onnx_export.OnnxExportError, match="int8 graphs refused"):
+        onnx_export.export_towers(tiny_backbone, tmp_path, 2, 4, fp16=False, quantize="int8")
+    manifest = json.loads((tmp_path / "onnx.json").read_text())
+    for tower in ("image", "text"):
+        check = manifest["checks"][tower]["int8"]
+        assert not check["kept"] and "below 1.5" in check["reason"]
+        assert "int8" not in manifest["files"][tower]
+        assert not (tmp_path / f"{tower}.int8.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.onnx", "onnx.json", "text.onnx"]
+    code = run_onnx(
+        cli(
+            "--backbone",
+            "tiny",
+            "--out",
+            str(tmp_path / "cli"),
+            "--layers",
+            "2",
+            "--tokens",
+            "4",
+            "--no-fp16",
+            "--quantize",
+            "int8",
+        )
+    )
+    assert code == 1

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from kernels import PoolFullError, TaskSlotPool, UnknownTaskError
+from kernels import NotInPoolError, PoolFullError, TaskSlotPool
 
 L, S, N, R, D = 2, 3, 4, 5, 8
 
@@ -127,11 +127,11 @@ def test_errors(pool):
     pool.add("a", *factors(1))
     with pytest.raises(ValueError, match="already loaded"):
         pool.add("a", *factors(2))
-    with pytest.raises(UnknownTaskError, match="'ghost'"):
+    with pytest.raises(NotInPoolError, match="'ghost'"):
         pool.free("ghost")
-    with pytest.raises(UnknownTaskError):
+    with pytest.raises(NotInPoolError):
         pool.replace("ghost", *factors(2))
-    with pytest.raises(UnknownTaskError), pool.lease(["a", "ghost"]):
+    with pytest.raises(NotInPoolError), pool.lease(["a", "ghost"]):
         pass
     pool.free("a")
     assert pool.available == S  # the failed lease pinned nothing, so freeing "a" was immediate
@@ -178,7 +178,7 @@ def test_threads_share_the_pool():
             try:
                 with pool.lease(keys) as slots:
                     assert len(set(slots.tolist())) == len(set(keys))
-            except UnknownTaskError:
+            except NotInPoolError:
                 pass  # freed between tasks() and lease(): the caller would answer 404
             except BaseException as error:
                 errors.append(error)

@@ -1,6 +1,6 @@
 """The prefix path against a naive implementation that puts the prompt tokens in the sequence.
 
-The naive model, written here from spec section 3 and independent of lpi's attention code:
+The naive model, written here from METHOD.md §3 and independent of lpi's attention code:
 at each prompted layer j < J the N prompt tokens P'[j] are placed before the real tokens, the
 block runs on the longer sequence (its own LN1 and projections, an explicit softmax), real
 tokens see every prompt token and, for text, earlier real tokens only; the prompt rows'

@@ -1,4 +1,4 @@
-"""Task prompt factors, the interaction module, and parameter counts (spec section 2)."""
+"""Task prompt factors, the interaction module, and parameter counts (METHOD.md §2)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_parameter_count_vit_b16_with_interaction():
 
 
 def test_cp_prompts_matches_the_per_layer_formula(generator):
-    """P[j] = (1/R) B diag(A[j]) C^T, written as the spec writes it."""
+    """P[j] = (1/R) B diag(A[j]) C^T, written as docs/METHOD.md writes it."""
     a, b, c = (torch.randn(*s, generator=generator) for s in ((3, 4), (5, 4), (6, 4)))
     expected = torch.stack([b @ torch.diag(a[j]) @ c.T / 4 for j in range(3)])
     torch.testing.assert_close(cp_prompts(a, b, c), expected)
@@ -47,7 +47,7 @@ def test_interaction_follows_the_spec_and_leaves_layer_zero(generator):
     raw_v, raw_t = prompts.raw_prompts()
     assert torch.equal(mixed_v[0], raw_v[0]) and torch.equal(mixed_t[0], raw_t[0])
     module = prompts.interaction.text_to_image
-    for j in (1, 2):  # W_tv[j] materialised exactly as the spec writes it
+    for j in (1, 2):  # W_tv[j] materialised exactly as docs/METHOD.md writes it
         weight = (
             sum(module.E[j - 1, r] * torch.outer(module.F[:, r], module.G[:, r]) for r in range(3))
             / 3

@@ -206,7 +206,7 @@ def test_continual_summary_on_a_hand_made_matrix():
     assert summary["final_mean"] == pytest.approx(215.0 / 3)
     # Task 0: best earlier max(80, 70) = 80, final 75; task 1: best earlier 60, final 50.
     assert summary["forgetting"] == pytest.approx([5.0, 10.0])
-    assert summary["mean_forgetting"] == pytest.approx(7.5)  # the spec's sign would read -7.5
+    assert summary["mean_forgetting"] == pytest.approx(7.5)  # a gain-based sign would read -7.5
 
 
 def test_continual_summary_improvement_is_negative_forgetting():

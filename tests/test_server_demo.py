@@ -147,35 +147,65 @@ def test_task_count_beyond_the_synthetic_tasks_is_refused(tmp_path):
     assert not (tmp_path / "demo").exists()
 
 
-def test_the_server_on_its_defaults_serves_the_demo(tmp_path, monkeypatch):
-    """No backbone configured: the app builds the (here smaller) bundle, loads its tasks and
-    indexes their test images, so a search by a test image finds that image first."""
+def test_the_server_on_its_defaults_serves_the_demo(tmp_path):
+    """No backbone configured: the app answers at once while it builds the (quick) bundle, then
+    loads its tasks and indexes their test images, so a search by a test image finds it first.
+    """
+    import asyncio
     import base64
-    import functools
 
-    from server import demo
     from server.app import create_app
+    from server.demo import QUICK_SIZES
     from server.settings import Settings
     from tests.server_helpers import run, running
+    from wire.schema import Readiness
 
-    monkeypatch.setattr(
-        demo, "ensure_demo_bundle", functools.partial(ensure_demo_bundle, sizes=SIZES)
+    config = Settings(
+        data_dir=tmp_path / "data", store="memory", demo_tasks=TASKS, demo_size="quick"
     )
-    config = Settings(data_dir=tmp_path / "data", store="memory", demo_tasks=TASKS)
 
     async def scenario():
         async with running(create_app(config)) as client:
+            first = {
+                path: await client.request(method, path, json=body)
+                for method, path, body in [
+                    ("GET", "/healthz", None),
+                    ("GET", "/readyz", None),
+                    ("GET", "/tasks", None),
+                    ("POST", "/search", {"task": "textures", "query": {"text": "a"}}),
+                ]
+            }
+            seen = []
+            for _ in range(15000):  # the build reports each step; at most 5 min
+                ready = await client.get("/readyz")
+                if ready.status_code == 200:
+                    break
+                seen.append(Readiness.model_validate_json(ready.content))
+                await asyncio.sleep(0.02)
             tasks = (await client.get("/tasks")).json()["tasks"]
-            bundle = ensure_demo_bundle(tmp_path / "data" / "demo", tasks=TASKS, sizes=SIZES)
+            bundle = ensure_demo_bundle(tmp_path / "data" / "demo", tasks=TASKS, sizes=QUICK_SIZES)
             task, items = next(iter(bundle.items.items()))
             image = base64.b64encode(items[0].image.read_bytes()).decode()
             found = await client.post(
                 "/search", json={"task": task, "query": {"image": image}, "top_k": 1}
             )
-            return tasks, items, found.json()
+            return first, seen, ready, tasks, items, found.json()
 
-    tasks, items, found = run(scenario())
+    first, seen, ready, tasks, items, found = run(scenario())
+    assert first["/healthz"].status_code == 200
+    building = Readiness.model_validate_json(first["/readyz"].content)
+    assert first["/readyz"].status_code == 503 and not building.ready
+    assert building.building and 0 <= building.progress <= 1 and building.reasons
+    for path in ("/tasks", "/search"):  # data routes: 503, JSON, when to come back
+        assert first[path].status_code == 503, path
+        assert first[path].json()["error"]["type"] == "starting"
+        assert 1 <= int(first[path].headers["retry-after"]) <= 60
+    labels = [r.building for r in [building, *seen]]
+    assert any(label.startswith("demo 2/4: pretraining") for label in labels), labels
+    progress = [r.progress for r in [building, *seen]]
+    assert progress == sorted(progress), "progress never goes back"
+    assert ready.status_code == 200 and Readiness.model_validate_json(ready.content).ready
     assert len(tasks) == TASKS
-    assert all(t["vectors"] == SIZES.test_per_task for t in tasks)
+    assert all(t["vectors"] == QUICK_SIZES.test_per_task for t in tasks)
     assert found["hits"][0]["id"] == items[0].id
     assert found["hits"][0]["payload"]["caption"] == items[0].caption

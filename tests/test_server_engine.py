@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import lpi
 from export.tasks import export_run
-from kernels import UnknownTaskError
+from kernels import NotInPoolError
 from server.engine import Engine, EngineError, OnnxEngine, TorchEngine, build_engine
 from tests.conftest import CAPTIONS, random_pixels
 
@@ -62,7 +62,9 @@ def key(artifact) -> tuple[str, str]:
 @pytest.fixture
 def engine(backbone, fingerprint, artifacts):
     """A TorchEngine with "a", "b" and "c" loaded."""
-    engine = TorchEngine(backbone, slots=8, max_rank=2, backbone_fingerprint=fingerprint)
+    engine = TorchEngine(
+        backbone, slots=8, max_rank=2, backbone_fingerprint=fingerprint, dtype="float32"
+    )
     for name in "abc":
         engine.add(key(artifacts[name]), artifacts[name])
     return engine
@@ -98,7 +100,9 @@ def row_keys(rows: list, artifacts: dict) -> list:
 def test_torch_engine_mixed_batch_equals_reference(
     backbone, fingerprint, artifacts, modality, max_rank
 ):
-    engine = TorchEngine(backbone, slots=8, max_rank=max_rank, backbone_fingerprint=fingerprint)
+    engine = TorchEngine(
+        backbone, slots=8, max_rank=max_rank, backbone_fingerprint=fingerprint, dtype="float32"
+    )
     for name in "abc":
         engine.add(key(artifacts[name]), artifacts[name])
     assert artifacts["a"].name == artifacts["c"].name and key(artifacts["a"]) != key(artifacts["c"])
@@ -120,7 +124,7 @@ def test_torch_engine_mixed_batch_equals_reference(
 @pytest.mark.parametrize("modality", ["image", "text"])
 def test_all_bare_rows_run_the_bare_backbone(backbone, fingerprint, modality):
     """No task at all, not even a pool yet: prefix=None through the backbone, exactly."""
-    engine = TorchEngine(backbone, backbone_fingerprint=fingerprint)
+    engine = TorchEngine(backbone, backbone_fingerprint=fingerprint, dtype="float32")
     inputs = batch_inputs(backbone, modality, 3)
     with torch.no_grad():
         want = (
@@ -139,7 +143,7 @@ def test_remove_then_add_again(engine, backbone, artifacts):
     engine.remove(a)
     assert engine.loaded() == [key(artifacts["b"]), key(artifacts["c"])]
     inputs = batch_inputs(backbone, "image", len(ROWS))
-    with pytest.raises(UnknownTaskError):
+    with pytest.raises(NotInPoolError):
         engine.encode("image", inputs, row_keys(ROWS, artifacts))
     with pytest.raises(KeyError):
         engine.remove(a)
@@ -190,7 +194,7 @@ def test_check_refuses_what_the_pools_cannot_hold(engine, artifacts, field):
 
 
 def test_a_full_pool_is_refused_and_a_leased_slot_waits(backbone, fingerprint, artifacts):
-    engine = TorchEngine(backbone, slots=2, backbone_fingerprint=fingerprint)
+    engine = TorchEngine(backbone, slots=2, backbone_fingerprint=fingerprint, dtype="float32")
     a, b, c = (key(artifacts[name]) for name in "abc")
     engine.add(a, artifacts["a"])
     engine.add(b, artifacts["b"])
@@ -252,7 +256,7 @@ def test_bad_calls_are_refused(engine, backbone, artifacts):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("modality", ["image", "text"])
 def test_torch_engine_on_cuda_matches_the_cpu_reference(backbone, fingerprint, artifacts, modality):
-    """The fused kernel's path; cosine >= 0.999 per row (STYLE.md 7: another backend)."""
+    """The fused kernel's path; cosine >= 0.999 per row (the cross-backend bound)."""
     engine = TorchEngine(copy.deepcopy(backbone), device="cuda", backbone_fingerprint=fingerprint)
     for name in "abc":
         engine.add(key(artifacts[name]), artifacts[name])
@@ -320,7 +324,7 @@ def test_onnx_engine_remove_then_add_again(onnx_engine, backbone, artifacts):
     b = key(artifacts["b"])
     onnx_engine.remove(b)
     inputs = batch_inputs(backbone, "image", len(ROWS))
-    with pytest.raises(UnknownTaskError):
+    with pytest.raises(NotInPoolError):
         onnx_engine.encode("image", inputs, row_keys(ROWS, artifacts))
     with pytest.raises(EngineError, match="already loaded"):
         onnx_engine.add(key(artifacts["a"]), artifacts["a"])
@@ -360,6 +364,6 @@ def test_the_server_on_the_onnx_engine_equals_the_direct_model_call(
     loaded, embedded, ready = run(scenario())
     assert loaded.status_code == 200 and ready["engine"] == "onnx"
     want = reference_features(backbone, artifact.path, texts, images)
-    # fp32 graphs of the same math: only summation order differs (per-row cosine, STYLE 7).
+    # fp32 graphs of the same math: only summation order differs (per-row cosine).
     assert cosines(embedded["text_embeddings"], want["text"]).min() >= 0.9999
     assert cosines(embedded["image_embeddings"], want["image"]).min() >= 0.9999

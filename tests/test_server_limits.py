@@ -33,8 +33,15 @@ def gate_the_model(app) -> threading.Event:
 
 def test_a_full_queue_answers_503_with_retry_after(tiny_runs, artifacts, tmp_path):
     inbox, _ = artifacts
-    config = settings(tiny_runs, tmp_path / "d", inbox, max_queue_rows=2, max_items=2,
-                      max_batch_size=1, max_wait_ms=0)  # fmt: skip
+    config = settings(
+        tiny_runs,
+        tmp_path / "d",
+        inbox,
+        max_queue_rows=2,
+        max_items=2,
+        max_batch_size=1,
+        max_wait_ms=0,
+    )
     app = create_app(config)
 
     async def scenario():
@@ -87,9 +94,14 @@ def test_artifact_paths_cannot_leave_the_artifact_directory(tiny_runs, artifacts
         async with running(app) as client:
             return [
                 (await client.put("/tasks/t", json={"path": path})).json()["error"]
-                for path in ("escape.safetensors", "../outside.safetensors",
-                             str(outside), "lpi/../../outside.safetensors", "")
-            ]  # fmt: skip
+                for path in (
+                    "escape.safetensors",
+                    "../outside.safetensors",
+                    str(outside),
+                    "lpi/../../outside.safetensors",
+                    "",
+                )
+            ]
 
     errors = run(scenario())
     assert [e["field"] for e in errors] == ["path"] * 5
@@ -121,10 +133,13 @@ def test_nothing_from_a_request_is_unpickled(tiny_runs, artifacts, tmp_path):
         async with running(app) as client:
             answers = []
             for payload in payloads:
-                answers.append(await client.put(
-                    "/tasks/t", content=payload,
-                    headers={"content-type": "application/octet-stream"},
-                ))  # fmt: skip
+                answers.append(
+                    await client.put(
+                        "/tasks/t",
+                        content=payload,
+                        headers={"content-type": "application/octet-stream"},
+                    )
+                )
                 answers.append(await client.post("/embed", json={"images": [b64(payload)]}))
             return answers
 

@@ -68,8 +68,9 @@ def test_rows_left_queued_by_a_refused_request_never_reach_the_model(
     """The text leg is refused (queue full); its image leg is withdrawn before the swap
     removes the version it named, so the innocent request batched with it succeeds."""
     inbox, v1_path, v2_path = artifacts
-    config = settings(tiny_runs, tmp_path / "d", inbox, max_queue_rows=4, max_items=4,
-                      max_wait_ms=0)  # fmt: skip
+    config = settings(
+        tiny_runs, tmp_path / "d", inbox, max_queue_rows=4, max_items=4, max_wait_ms=0
+    )
     app = create_app(config)
 
     async def scenario():
@@ -80,9 +81,10 @@ def test_rows_left_queued_by_a_refused_request_never_reach_the_model(
             await asyncio.sleep(0.2)
             fill = asyncio.create_task(client.post("/embed", json={"texts": ["q1", "q2"]}))
             await asyncio.sleep(0.1)
-            refused = await client.post("/embed", json={
-                "task": TASK, "texts": ["a", "b", "c"], "images": [b64(png_bytes(1))]
-            })  # fmt: skip
+            refused = await client.post(
+                "/embed",
+                json={"task": TASK, "texts": ["a", "b", "c"], "images": [b64(png_bytes(1))]},
+            )
             queued = app.state.service.batcher.queued_rows
             swap = await client.put(f"/tasks/{TASK}?promote=true", json={"path": v2_path})
             innocent = asyncio.create_task(
@@ -152,7 +154,9 @@ def test_a_search_never_compares_two_versions_when_a_promote_lands_midway(
     assert found["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
 
 
-def test_unload_and_reload_while_a_request_holds_the_version(tiny_runs, artifacts, tmp_path):
+def test_an_unload_waits_for_the_request_holding_the_task(tiny_runs, artifacts, tmp_path):
+    """New requests are refused (404) at once; the task leaves when the last pin goes; a
+    reload afterwards serves, and nothing is left in the engine."""
     inbox, v1_path, v2_path = artifacts
     app = create_app(settings(tiny_runs, tmp_path / "d", inbox))
 
@@ -160,17 +164,53 @@ def test_unload_and_reload_while_a_request_holds_the_version(tiny_runs, artifact
         async with running_raw(app) as client:
             registry, engine = app.state.service.registry, app.state.service.engine
             await client.put(f"/tasks/{TASK}", json={"path": v1_path})
-            with registry.pin(TASK):  # a request in flight on v1
-                unloaded = await client.delete(f"/tasks/{TASK}")
-                again = await client.put(f"/tasks/{TASK}", json={"path": v1_path})
-                newer = await client.put(f"/tasks/{TASK}", json={"path": v2_path})
+            await client.put(f"/tasks/{TASK}", json={"path": v2_path})  # v1 serves, v2 active
+            with registry.pin(TASK, "serving"):  # a search in flight on v1
+                unload = asyncio.create_task(client.delete(f"/tasks/{TASK}"))
+                await asyncio.sleep(0.3)
+                waiting = not unload.done()
+                refused = await client.post("/embed", json={"task": TASK, "texts": ["a"]})
+                still = engine.loaded()
+            unloaded = await unload
+            gone = engine.loaded()
             back = await client.put(f"/tasks/{TASK}", json={"path": v1_path})
-            return [unloaded, again, newer, back], engine.loaded(), dict(registry._orphans)
+            return waiting, refused, still, unloaded, gone, back, engine.loaded()
 
-    answers, loaded, orphans = run(scenario())
-    assert [a.status_code for a in answers] == [200, 200, 200, 200]
-    v1 = answers[1].json()["task"]["prompt_version"]
-    assert orphans == {} and loaded == [(TASK, v1)]  # v1 active and serving: nothing leaked
+    waiting, refused, still, unloaded, gone, back, loaded = run(scenario())
+    assert waiting and len(still) == 2  # the unload waited; both versions stayed meanwhile
+    assert refused.status_code == 404 and refused.json()["error"]["field"] == "task"
+    assert "being unloaded" in refused.json()["error"]["message"]
+    assert unloaded.status_code == 200 and len(unloaded.json()["unloaded_versions"]) == 2
+    assert gone == []  # nothing leaked
+    assert back.status_code == 200 and loaded == [(TASK, back.json()["task"]["prompt_version"])]
+
+
+def test_an_unload_that_cannot_drain_changes_nothing(tiny_runs, artifacts, tmp_path):
+    """A request still holding the task after the drain timeout: 409 task_busy, and the
+    task serves on as before (registry.json unchanged)."""
+    inbox, v1_path, _ = artifacts
+    app = create_app(settings(tiny_runs, tmp_path / "d", inbox))
+    state_file = tmp_path / "d" / "registry" / "registry.json"
+
+    async def scenario():
+        async with running_raw(app) as client:
+            registry = app.state.service.registry
+            registry.drain_timeout_s = 0.2
+            await client.put(f"/tasks/{TASK}", json={"path": v1_path})
+            before = json.loads(state_file.read_text())
+            with registry.pin(TASK):
+                busy = await client.delete(f"/tasks/{TASK}", params={"delete_vectors": "true"})
+            after = await client.post("/embed", json={"task": TASK, "texts": ["a"]})
+            return busy, after, before, json.loads(state_file.read_text())
+
+    busy, after, before, saved = run(scenario())
+    assert busy.status_code == 409, busy.text
+    assert busy.json()["error"] == {
+        "type": "task_busy",
+        "field": "task",
+        "message": busy.json()["error"]["message"],
+    }
+    assert after.status_code == 200 and saved == before
 
 
 def test_a_transient_store_failure_at_restart_forgets_nothing(tiny_runs, artifacts, tmp_path):
@@ -189,8 +229,7 @@ def test_a_transient_store_failure_at_restart_forgets_nothing(tiny_runs, artifac
             return ready, app.state.service.engine.loaded(), json.loads(state.read_text())
 
     run(first())
-    from server.store import StoreError
-    from server.store.core import Store
+    from server.store import Store, StoreError
 
     real = Store.ensure_task
     calls = {"n": 0}
@@ -234,8 +273,7 @@ def test_an_api_key_alone_also_guards_the_admin_routes(tiny_runs, artifacts, tmp
 
 def test_chunked_bodies_and_multipart_over_their_limits_are_413(tiny_runs, artifacts, tmp_path):
     inbox, _, _ = artifacts
-    app = create_app(settings(tiny_runs, tmp_path / "d", inbox, max_body_bytes=4096,
-                              max_items=4))  # fmt: skip
+    app = create_app(settings(tiny_runs, tmp_path / "d", inbox, max_body_bytes=4096, max_items=4))
 
     async def chunks(data: bytes):
         for start in range(0, len(data), 1024):

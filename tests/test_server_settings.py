@@ -66,3 +66,38 @@ def test_the_default_store_needs_no_optional_extra(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_help_is_for_people():
+    """Every flag with its env var and default; no type noise ({str,null}, SecretStr, int)."""
+    from server.settings import Settings as Fields
+
+    out = subprocess.run(
+        [sys.executable, "-m", "server", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())  # argparse wraps lines anywhere
+    for name in Fields.model_fields:
+        assert f"--{name.replace('_', '-')}" in text
+        assert f"[env: LPI_{name.upper()}]" in text, name
+    for noise in ("{str,null}", "null}", "SecretStr", " int ", " str ", " Path "):
+        assert noise not in text, noise
+    assert "--port PORT" in text and "(default: 8000)" in text
+
+
+def test_random_weights_are_refused_unless_asked_for():
+    with pytest.raises(ValidationError, match="random-weights"):
+        Settings(backbone="tiny")
+    assert Settings(backbone="tiny", random_weights=True).random_weights
+    assert not Settings(backbone="ViT-B-16:openai").random_weights  # a name, not a preset
+
+
+def test_errors_are_one_line_naming_flag_and_env_var():
+    from server.settings import error_line
+
+    with pytest.raises(ValidationError) as caught:
+        parse_settings(["--port", "70000", "--max-batch-size", "0"])
+    line = error_line(caught.value)
+    assert "\n" not in line
+    assert "--port / LPI_PORT" in line and "(got '70000')" in line
+    assert "--max-batch-size / LPI_MAX_BATCH_SIZE" in line

@@ -1,4 +1,4 @@
-"""The batching path over a real loopback socket: uvicorn, concurrent clients, live swaps.
+"""The batching path over a real loopback socket: `python -m server`, concurrent clients, swaps.
 
 200 requests across 8 tasks run concurrently while every task's prompt is swapped back and
 forth; every answer must succeed and carry vectors that the prompt version it names computes
@@ -15,15 +15,13 @@ import pytest
 
 import lpi
 from export import read_artifact
+from server.testing import ServerProcess
 from tests.server_helpers import (
     b64,
     cosines,
-    create_app,
     export_artifacts,
     png_bytes,
     reference_features,
-    serve_on_socket,
-    settings,
 )
 
 REQUESTS, TASKS, MIN_COSINE = 200, 8, 0.9999
@@ -44,7 +42,22 @@ def test_concurrent_mixed_task_requests_with_swaps(tiny_runs, setup, tmp_path):
     for path in files["lpi"] + files["dense"]:
         want = reference_features(backbone, path, texts, [image])
         reference[read_artifact(path).prompt_version] = want
-    config = settings(tiny_runs, tmp_path / "data", inbox, max_batch_size=32, max_wait_ms=5)
+    args = [
+        "--backbone",
+        str(tiny_runs / "backbone.safetensors"),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--artifact-dir",
+        str(inbox),
+        "--store",
+        "memory",
+        "--max-batch-size",
+        "32",
+        "--max-wait-ms",
+        "5",
+        "--log-level",
+        "warning",
+    ]
     tasks = [f"task{i}" for i in range(TASKS)]
     relative = lambda p: str(p.relative_to(inbox))  # noqa: E731
 
@@ -76,8 +89,8 @@ def test_concurrent_mixed_task_requests_with_swaps(tiny_runs, setup, tmp_path):
             metrics = (await client.get("/metrics")).text
             return swaps, answers, metrics
 
-    with serve_on_socket(create_app(config)) as url:
-        swaps, answers, metrics = asyncio.run(scenario(url))
+    with ServerProcess(args, log_path=tmp_path / "server.log") as server:
+        swaps, answers, metrics = asyncio.run(scenario(server.url))
 
     assert swaps == [200] * len(swaps)
     assert [a.status_code for _, a in answers] == [200] * REQUESTS

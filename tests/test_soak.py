@@ -29,9 +29,15 @@ def test_a_short_soak_has_no_5xx_and_no_failed_swaps(soak, tiny_runs, tmp_path):
     export_artifacts(tiny_runs, inbox)
     out = tmp_path / "results" / "soak.json"
     config = soak.SoakConfig(
-        backbone=tiny_runs / "backbone.safetensors", inbox=inbox, duration_s=10.0,
-        swap_interval_s=0.5, warmup_s=3.0, concurrency=4, tasks=2, out=out,
-    )  # fmt: skip
+        backbone=tiny_runs / "backbone.safetensors",
+        inbox=inbox,
+        duration_s=10.0,
+        swap_interval_s=0.5,
+        warmup_s=3.0,
+        concurrency=4,
+        tasks=2,
+        out=out,
+    )
     report = soak.run_soak(config)
 
     assert report["five_xx"] == 0, report["errors"]

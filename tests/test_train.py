@@ -15,11 +15,23 @@ from lpi.train import main as train_main
 
 def _args(root, out, *extra):
     return [
-        "--manifest", str(root / "data" / "manifest.jsonl"),
-        "--backbone", str(root / "backbone.safetensors"), "--out", str(out),
-        "--layers", "2", "--tokens", "4", "--epochs", "1", "--batch-size", "8", "--cache",
+        "--manifest",
+        str(root / "data" / "manifest.jsonl"),
+        "--backbone",
+        str(root / "backbone.safetensors"),
+        "--out",
+        str(out),
+        "--layers",
+        "2",
+        "--tokens",
+        "4",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--cache",
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def test_run_records_tasks_results_and_zero_oracle_forgetting(tiny_runs):
@@ -133,9 +145,17 @@ def test_pretraining_a_set_smaller_than_one_batch(tiny_runs, tmp_path):
     from lpi.pretrain import main as pretrain_main
 
     out = tmp_path / "pretrained.safetensors"
-    code = pretrain_main([
-        "--manifest", str(tiny_runs / "data" / "pretrain.jsonl"), "--out", str(out),
-        "--epochs", "1", "--batch-size", "128",
-    ])  # fmt: skip
+    code = pretrain_main(
+        [
+            "--manifest",
+            str(tiny_runs / "data" / "pretrain.jsonl"),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "128",
+        ]
+    )
     assert code == 0
     assert lpi.load_backbone(out).config.vision.image_size == 32

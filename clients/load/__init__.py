@@ -13,23 +13,27 @@ them), and counts as "stale" any answer that disagrees with the version the last
 swap made active although no swap overlapped the request (a diagnostic, not an error).
 
 Output: a table per level (throughput, latency percentiles, errors by kind), a JSON report
-written atomically, and a PNG of latency over time with the swaps drawn as vertical lines.
+written atomically (mode 0644), and a PNG of latency over time per operation with its p50 and
+p99 and the swaps marked (matplotlib, optional). Swapped tasks are put back on their starting
+version when the run ends. Without --duration or --requests each level lasts 10 seconds.
 
     python -m clients.load --concurrency 1 8 32 --duration 10 \\
         --swap-interval 0.5 --swap-artifacts lpi/a.safetensors dense/a.safetensors
 
-The client imports only httpx, pydantic (via `wire.schema`), numpy and PIL: it talks to the
+The client imports only httpx, pydantic (via `wire.schema`), numpy, PIL and (for the plot)
+matplotlib: it talks to the
 server over HTTP and knows nothing of the model.
 
 The package, one job a module, in the order a run uses them: config.py (`LoadConfig`),
 inputs.py (synthetic captions, PNGs and requests), records.py (what a run records), driver.py
 (HTTP requests, swaps and answer checks), metrics.py (the server's /metrics), runner.py (the
 levels and the swapper), versions.py (version checks), stats.py (the JSON summary), report.py
-(table and files), plot.py (the PNG), cli.py (the flags and `main`).
+(table and files), files.py (atomic writes), plot.py (the PNG), cli.py (the flags and `main`).
 """
 
 from clients.load.cli import main, parse_args
 from clients.load.config import (
+    DEFAULT_DURATION_S,
     MAX_CONCURRENCY,
     MAX_DURATION_S,
     MAX_REQUESTS,
@@ -49,6 +53,7 @@ from clients.load.stats import percentiles, summarise
 from clients.load.versions import check_versions
 
 __all__ = [
+    "DEFAULT_DURATION_S",
     "MAX_CONCURRENCY",
     "MAX_DURATION_S",
     "MAX_REQUESTS",

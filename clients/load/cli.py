@@ -11,7 +11,14 @@ from pathlib import Path
 import httpx
 
 import clients.load
-from clients.load.config import MAX_DURATION_S, MAX_REQUESTS, MODALITIES, LoadConfig, parse_op
+from clients.load.config import (
+    DEFAULT_DURATION_S,
+    MAX_DURATION_S,
+    MAX_REQUESTS,
+    MODALITIES,
+    LoadConfig,
+    parse_op,
+)
 from clients.load.report import format_table, table_rows, write_report
 from clients.load.runner import run
 from clients.load.stats import summarise
@@ -34,29 +41,38 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m clients.load",
         description=clients.load.__doc__.split("\n\n")[0],
-        epilog="Exactly one of --duration and --requests bounds each level. Exit status: 0, "
-        "or 2 when any request or swap failed, 1 when the run could not start.",
+        epilog=f"--duration or --requests bounds each level (neither: {DEFAULT_DURATION_S:g} "
+        "seconds). Swapped tasks are put back on their starting version at the end. Exit "
+        "status: 0, or 2 when any request or swap failed, 1 when the run could not start.",
     )
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="server (default: loopback)")
-    p.add_argument("--modality", choices=MODALITIES, default="text")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server (default: %(default)s)")
+    p.add_argument(
+        "--modality", choices=MODALITIES, default="text", help="what requests send (default: text)"
+    )
     p.add_argument("--tasks", nargs="+", default=[], help="task names (default: all loaded)")
-    p.add_argument("--items-per-request", type=int, default=1)
+    p.add_argument("--items-per-request", type=int, default=1, help="texts or images (default: 1)")
     p.add_argument(
         "--concurrency",
         type=int,
         nargs="+",
         default=[1],
-        help="concurrent requests; several values run one level each",
+        help="concurrent requests; several values run one level each (default: 1)",
     )
-    p.add_argument("--duration", type=float, help=f"seconds per level (<= {MAX_DURATION_S:.0f})")
+    p.add_argument(
+        "--duration",
+        type=float,
+        help=f"seconds per level (<= {MAX_DURATION_S:.0f}; default {DEFAULT_DURATION_S:g} "
+        "unless --requests)",
+    )
     p.add_argument("--requests", type=int, help=f"requests per level (<= {MAX_REQUESTS})")
     p.add_argument(
         "--op",
         default="embed",
         type=parse_op,
-        help="embed, search, index, mixed (8:1:1), or weights like embed=6,search=3",
+        help="embed, search, index, mixed (8:1:1), or weights like embed=6,search=3 "
+        "(default: embed)",
     )
-    p.add_argument("--swap-interval", type=float, help="seconds between task swaps")
+    p.add_argument("--swap-interval", type=float, help="seconds between task swaps (default: none)")
     p.add_argument(
         "--swap-artifacts",
         nargs="+",
@@ -75,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("LPI_ADMIN_KEY"),
         help="Bearer key for swaps (default: $LPI_ADMIN_KEY, else --api-key)",
     )
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: 60)")
     p.add_argument(
         "--warmup", type=int, help="unrecorded requests per level (default: one per worker)"
     )
@@ -83,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=Path("load-report"),
-        help="folder for the JSON report and the PNG",
+        help="folder for the JSON report and the PNG (default: load-report)",
     )
     return p
 
@@ -120,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     report = summarise(record)
     paths = write_report(report, out)
     print(format_table(table_rows(report)))
-    print(f"stale versions: {report['stale_versions']} of {report['versions_checked']} checked; "
-          f"wrote {paths['json']} and {paths['png']}")  # fmt: skip
+    wrote = " and ".join(str(p) for p in paths.values() if p is not None)
+    print(
+        f"stale versions: {report['stale_versions']} of {report['versions_checked']} checked; "
+        f"wrote {wrote}"
+    )
     failed = sum(sum(v["errors"].values()) + v["swaps"]["failed"] for v in report["levels"])
     return 0 if failed == 0 else 2

@@ -10,6 +10,7 @@ MODALITIES = ("text", "image", "mixed")
 MAX_DURATION_S = 3600.0  # per level: a load run always ends
 MAX_REQUESTS = 1_000_000  # per level
 MAX_CONCURRENCY = 1024
+DEFAULT_DURATION_S = 10.0  # per level, when neither a duration nor a request count is given
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,8 @@ class LoadConfig:
     tasks: tuple[str, ...] = ()  # empty: every task GET /tasks lists
     items_per_request: int = 1
     concurrency: tuple[int, ...] = (1,)
-    duration_s: float | None = None  # per level; exactly one of duration_s and requests
-    requests: int | None = None  # per level
+    duration_s: float | None = None  # per level; at most one of duration_s and requests
+    requests: int | None = None  # per level; neither: DEFAULT_DURATION_S per level
     weights: dict[str, float] = field(default_factory=lambda: {"embed": 1.0})
     swap_interval_s: float | None = None
     swap_artifacts: tuple[str, ...] = ()  # server-side paths, or local files with upload
@@ -34,10 +35,10 @@ class LoadConfig:
     seed: int = 0
 
     def check(self) -> LoadConfig:
-        if (self.duration_s is None) == (self.requests is None):
+        if self.duration_s is not None and self.requests is not None:
             raise ValueError(
-                "give exactly one of duration_s (--duration) and requests "
-                "(--requests): a load run must be bounded"
+                "give --duration or --requests, not both: either one bounds each level "
+                f"(neither: {DEFAULT_DURATION_S:g} seconds per level)"
             )
         if self.duration_s is not None and not 0 < self.duration_s <= MAX_DURATION_S:
             raise ValueError(f"duration must lie in (0, {MAX_DURATION_S:.0f}] seconds")
@@ -62,6 +63,13 @@ class LoadConfig:
         if self.timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
         return self
+
+    @property
+    def level_seconds(self) -> float | None:
+        """How long each level lasts (None when a request count bounds it)."""
+        if self.requests is not None:
+            return None
+        return self.duration_s if self.duration_s is not None else DEFAULT_DURATION_S
 
 
 def parse_op(text: str) -> dict[str, float]:

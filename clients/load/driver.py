@@ -22,6 +22,8 @@ class Budget:
     """How many more requests may start: a count, or until a deadline."""
 
     def __init__(self, requests: int | None, deadline: float | None) -> None:
+        if requests is None and deadline is None:
+            raise ValueError("a budget needs a request count or a deadline")
         self.left, self.deadline = requests, deadline
 
     def take(self) -> bool:
@@ -30,6 +32,7 @@ class Budget:
                 return False
             self.left -= 1
             return True
+        assert self.deadline is not None  # one of the two is set (checked at start)
         return time.perf_counter() < self.deadline
 
 
@@ -59,7 +62,7 @@ class Driver:
         except httpx.TransportError as err:
             sample.end, sample.error = self.clock(), f"connection {type(err).__name__}"
             return sample, None
-        sample.end = self.clock()
+        sample.end, sample.status = self.clock(), response.status_code
         if response.status_code != 200:
             sample.error = _error_kind(response)
             wait = parse_retry_after(response.headers.get("retry-after"))
@@ -69,7 +72,9 @@ class Driver:
         sample.error, sample.version = _check_answer(request, response)
         return sample, None
 
-    async def workers(self, workload: Workload, concurrency: int, budget: Budget, out) -> None:
+    async def workers(
+        self, workload: Workload, concurrency: int, budget: Budget, out: list[Sample] | None
+    ) -> None:
         async def worker() -> None:
             while budget.take():
                 sample, retry_after = await self.send(workload.next(), concurrency)
@@ -80,22 +85,29 @@ class Driver:
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
-    async def swap(self, task: str, artifact: str, body: bytes | None, concurrency: int) -> Swap:
+    async def swap(
+        self, task: str, artifact: str, body: bytes | None, concurrency: int, promote: bool = False
+    ) -> Swap:
+        """PUT a version (a server-side path, or `body` uploaded); `promote` also makes it the
+        version searches use."""
         record = Swap(concurrency, task, artifact, self.clock(), 0.0)
         try:
             if body is None:
                 response = await self.http.put(
                     f"/tasks/{task}",
-                    json={"path": artifact, "promote": False},
+                    json={"path": artifact, "promote": promote},
                     headers=self.admin_headers,
                 )
             else:
                 headers = {**self.admin_headers, "content-type": "application/octet-stream"}
-                response = await self.http.put(f"/tasks/{task}", content=body, headers=headers)
+                params = {"promote": "true"} if promote else None
+                response = await self.http.put(
+                    f"/tasks/{task}", content=body, headers=headers, params=params
+                )
         except httpx.TransportError as err:
             record.end, record.error = self.clock(), f"connection {type(err).__name__}"
             return record
-        record.end = self.clock()
+        record.end, record.status = self.clock(), response.status_code
         if response.status_code != 200:
             record.error = _error_kind(response)
             return record

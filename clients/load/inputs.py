@@ -7,6 +7,7 @@ import base64
 import io
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -96,7 +97,7 @@ class Workload:
         texts = [value for kind, value in items if kind == "text"]
         images = [value for kind, value in items if kind == "image"]
         if op == "embed":
-            body = {"task": task, "texts": texts, "images": images}
+            body: dict[str, Any] = {"task": task, "texts": texts, "images": images}
             return Request(op, task, "/embed", body, len(texts), len(images))
         body = {"task": task, "items": [{kind: value} for kind, value in items]}
         return Request(op, task, "/index", body, len(texts), len(images))

@@ -28,7 +28,7 @@ def batch_delta(before: dict, after: dict, seconds: float) -> dict:
     def delta(*names: str) -> float:
         return sum(after.get(name, 0.0) - before.get(name, 0.0) for name in names)
 
-    out = {}
+    out: dict[str, float] = {}
     batches = delta("text.rows_count", "image.rows_count")
     if batches > 0:
         out["batches"] = int(batches)

@@ -1,80 +1,95 @@
-"""load.png: the latency of every request against its start time, swaps as vertical lines
-(PIL only, written atomically)."""
+"""load.png: latency of every request over the run, one colour per operation, its p50 and p99
+as lines, swaps as vertical markers, failures as red crosses (matplotlib, optional).
+
+matplotlib is imported only here and only when a plot is drawn; without it the report is
+written without the PNG, and the run says how to get one.
+"""
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
+import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-PALETTE = [
-    (31, 119, 180),
-    (44, 160, 44),
-    (148, 103, 189),
-    (140, 86, 75),
-    (23, 190, 207),
-    (127, 127, 127),
-    (188, 189, 34),
-    (227, 119, 194),
-]
-SWAP_COLOUR, ERROR_COLOUR = (255, 127, 14), (214, 39, 40)
+from clients.load.files import atomic_write
+
+log = logging.getLogger("clients.load")
+COLOURS = {"embed": "#1f77b4", "search": "#2ca02c", "index": "#9467bd"}
+SWAP, FAILED = "#ff7f0e", "#d62728"
+SIZE_IN, DPI = (12.0, 6.5), 100  # 1200 x 650 pixels
 
 
-def draw_latency(report: dict, path: Path, size: tuple[int, int] = (1000, 520)) -> None:
-    """Latency of every request against its start time; swaps as vertical lines (PNG)."""
-    width, height = size
-    left, right, top, bottom = 70, 20, 36, 50
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    samples, swaps = report["samples"], report["swaps"]
-    t_max = max([s[4] + s[5] / 1000 for s in samples] + [w["end"] for w in swaps] + [1e-3])
-    ok = [s[5] for s in samples if s[6] is None]
-    y_max = max(float(np.percentile(ok, 99.5)) * 1.2 if ok else 1.0, 1e-3)
-
-    def x(t: float) -> float:
-        return left + (width - left - right) * t / t_max
-
-    def y(ms: float) -> float:
-        return height - bottom - (height - top - bottom) * min(ms, y_max) / y_max
-
-    _axes(draw, (left, top, width - right, height - bottom), t_max, y_max, x, y)
-    colour = {
-        c: PALETTE[i % len(PALETTE)]
-        for i, c in enumerate(dict.fromkeys(level["concurrency"] for level in report["levels"]))
-    }
-    for swap in swaps:
-        line = ERROR_COLOUR if swap["error"] else SWAP_COLOUR
-        draw.line([(x(swap["start"]), top), (x(swap["start"]), height - bottom)], line, 1)
-    for concurrency, _, _, _, start, ms, error in samples:
-        px, py = x(start), y(ms)
-        if error:
-            draw.line([(px - 3, py - 3), (px + 3, py + 3)], ERROR_COLOUR, 2)
-            draw.line([(px - 3, py + 3), (px + 3, py - 3)], ERROR_COLOUR, 2)
-        else:
-            draw.rectangle([px - 1, py - 1, px + 1, py + 1], colour.get(concurrency, PALETTE[0]))
-    title = "latency per request by concurrency; orange lines: task swaps; red x: failures; "
-    draw.text((left, 6), title + "y clipped at 1.2 x p99.5", fill="black")
-    for i, c in enumerate(colour):
-        draw.rectangle([left + 60 * i, 22, left + 6 + 60 * i, 28], colour[c])
-        draw.text((left + 10 + 60 * i, 18), f"c={c}", fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as f:
-        image.save(f, "PNG")
-    os.replace(f.name, path)
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
-def _axes(draw: ImageDraw.ImageDraw, box, t_max: float, y_max: float, x, y) -> None:
-    x0, y0, x1, y1 = box
-    draw.rectangle(box, outline="black")
-    for i in range(6):
-        t, ms = t_max * i / 5, y_max * i / 5
-        draw.line([(x(t), y1), (x(t), y1 + 4)], "black")
-        draw.text((x(t) - 10, y1 + 8), f"{t:.1f}", fill="black")
-        draw.line([(x0 - 4, y(ms)), (x0, y(ms))], "black")
-        draw.line([(x0 + 1, y(ms)), (x1 - 1, y(ms))], (230, 230, 230))
-        draw.text((4, y(ms) - 6), f"{ms:.1f}", fill="black")
-    draw.text(((x0 + x1) / 2 - 60, y1 + 26), "seconds since start", fill="black")
-    draw.text((4, y0 - 16), "ms", fill="black")
+def draw_latency(report: dict, path: Path) -> bool:
+    """Draw the plot to `path`; False (with a log line) when matplotlib is not installed."""
+    if not have_matplotlib():
+        log.warning("matplotlib is not installed: no %s (pip install matplotlib)", path.name)
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fields = report["sample_fields"]
+    names = ("op", "start_s", "latency_ms", "error")
+    op_at, start_at, ms_at, error_at = (fields.index(name) for name in names)
+    samples = report["samples"]
+    with plt.rc_context({"font.size": 12, "axes.titlesize": 14, "axes.labelsize": 13}):
+        figure, axes = plt.subplots(figsize=SIZE_IN, dpi=DPI, layout="constrained")
+        for op in sorted({s[op_at] for s in samples}):
+            ok = np.array(
+                [(s[start_at], s[ms_at]) for s in samples if s[op_at] == op and s[error_at] is None]
+            ).reshape(-1, 2)
+            if not len(ok):
+                continue
+            colour = COLOURS.get(op, "#7f7f7f")
+            axes.scatter(
+                ok[:, 0], ok[:, 1], s=9, alpha=0.55, color=colour, label=f"{op} ({len(ok)})"
+            )
+            p50, p99 = np.percentile(ok[:, 1], [50, 99])
+            axes.axhline(
+                p50, color=colour, linestyle="--", linewidth=1.4, label=f"{op} p50 {p50:.1f} ms"
+            )
+            axes.axhline(
+                p99, color=colour, linestyle=":", linewidth=1.8, label=f"{op} p99 {p99:.1f} ms"
+            )
+        failed = np.array(
+            [(s[start_at], s[ms_at]) for s in samples if s[error_at] is not None]
+        ).reshape(-1, 2)
+        if len(failed):
+            axes.scatter(
+                failed[:, 0],
+                failed[:, 1],
+                marker="x",
+                s=40,
+                color=FAILED,
+                label=f"failed ({len(failed)})",
+            )
+        for i, swap in enumerate(report["swaps"]):
+            axes.axvline(
+                swap["start"],
+                color=FAILED if swap["error"] else SWAP,
+                linewidth=1.2,
+                alpha=0.8,
+                label="task swap" if i == 0 else None,
+            )
+        axes.set_xlabel("seconds since the run began")
+        axes.set_ylabel("latency (ms)")
+        axes.set_ylim(bottom=0)
+        axes.set_title("Request latency over time, by operation")
+        axes.grid(True, alpha=0.3)
+        axes.legend(loc="upper left", fontsize=10, ncols=2, framealpha=0.9)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        plt.close(figure)
+    atomic_write(path, buffer.getvalue())
+    return True

@@ -20,6 +20,7 @@ class Sample:
     end: float
     error: str | None = None  # the kind, None when it succeeded
     version: str | None = None  # /embed's prompt_version
+    status: int | None = None  # the HTTP status; None when no answer came
 
     @property
     def latency_ms(self) -> float:
@@ -37,6 +38,7 @@ class Swap:
     version: str | None = None  # the task's active version afterwards
     previous: str | None = None
     changed: bool = False
+    status: int | None = None  # the HTTP status; None when no answer came
 
     @property
     def latency_ms(self) -> float:
@@ -59,6 +61,7 @@ class Run:
     swaps: list[Swap] = field(default_factory=list)
     levels: list[Level] = field(default_factory=list)
     known: dict[str, set[str]] = field(default_factory=dict)  # every version seen loaded
+    restores: list[Swap] = field(default_factory=list)  # loads that put swapped tasks back
 
     def learn(self, info: dict) -> None:
         versions = self.known.setdefault(info["task"], set())

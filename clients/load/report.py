@@ -1,12 +1,12 @@
-"""The report on disk and on screen: the text table per level, load.json (atomic) and load.png."""
+"""The report on disk and on screen: the text table per level, load.json and load.png
+(both atomic, mode 0644)."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from clients.load.files import atomic_write
 from clients.load.plot import draw_latency
 
 COLUMNS = [
@@ -70,16 +70,14 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]] = COLUMNS) -> 
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Atomic: a temp file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(payload, f, indent=1)
-    os.replace(f.name, path)
+    """Atomic, mode 0644 (see clients/load/files.py)."""
+    atomic_write(path, json.dumps(payload, indent=1).encode())
 
 
-def write_report(report: dict, out: Path) -> dict[str, Path]:
-    """load.json and load.png in `out`."""
-    paths = {"json": out / "load.json", "png": out / "load.png"}
-    write_json(paths["json"], report)
-    draw_latency(report, paths["png"])
+def write_report(report: dict, out: Path) -> dict[str, Path | None]:
+    """load.json and load.png in `out` (`png` None when matplotlib is not installed)."""
+    paths: dict[str, Path | None] = {"json": out / "load.json", "png": out / "load.png"}
+    write_json(out / "load.json", report)
+    if not draw_latency(report, out / "load.png"):
+        paths["png"] = None
     return paths

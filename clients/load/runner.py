@@ -44,15 +44,20 @@ async def run(config: LoadConfig, transport: httpx.AsyncBaseTransport | None = N
         if config.weights.get("search", 0) > 0:
             for task in tasks:
                 await driver.send(workload.seed_index(task), 0)
-        for concurrency in config.concurrency:
-            await _run_level(driver, workload, record, concurrency, uploads)
+        try:
+            for concurrency in config.concurrency:
+                await _run_level(driver, workload, record, concurrency, uploads)
+        finally:
+            await _restore(driver, record, uploads)
         for info in await driver.get_tasks():
             if info["task"] in record.known:
                 record.learn(info)
     return record
 
 
-async def _run_level(driver: Driver, workload: Workload, record: Run, concurrency: int, uploads):
+async def _run_level(
+    driver: Driver, workload: Workload, record: Run, concurrency: int, uploads: dict[str, bytes]
+) -> None:
     config = driver.config
     warmup = concurrency if config.warmup is None else config.warmup
     if warmup:
@@ -61,7 +66,8 @@ async def _run_level(driver: Driver, workload: Workload, record: Run, concurrenc
     stop = asyncio.Event()
     swapper = asyncio.create_task(_swap_loop(driver, record, concurrency, uploads, stop))
     level = Level(concurrency, driver.clock(), 0.0)
-    deadline = None if config.duration_s is None else time.perf_counter() + config.duration_s
+    seconds = config.level_seconds
+    deadline = None if seconds is None else time.perf_counter() + seconds
     try:
         await driver.workers(
             workload, concurrency, Budget(config.requests, deadline), record.samples
@@ -82,7 +88,9 @@ async def _run_level(driver: Driver, workload: Workload, record: Run, concurrenc
     )
 
 
-async def _swap_loop(driver: Driver, record: Run, concurrency: int, uploads, stop) -> None:
+async def _swap_loop(
+    driver: Driver, record: Run, concurrency: int, uploads: dict[str, bytes], stop: asyncio.Event
+) -> None:
     """PUT the swap artifacts in turn every interval until `stop` (continuing across levels)."""
     config = driver.config
     if config.swap_interval_s is None:
@@ -98,9 +106,36 @@ async def _swap_loop(driver: Driver, record: Run, concurrency: int, uploads, sto
         swap = await driver.swap(task, artifact, uploads.get(artifact), concurrency)
         record.swaps.append(swap)
         if swap.version is not None:
-            record.known[task].update({swap.version, swap.previous} - {None})
+            record.known[task].update(v for v in (swap.version, swap.previous) if v is not None)
         else:
             log.warning("swap of %s to %s failed: %s", task, artifact, swap.error)
+
+
+async def _restore(driver: Driver, record: Run, uploads: dict[str, bytes]) -> None:
+    """Put every swapped task back on the version it had at the start, by loading again the
+    swap artifact that made that version (still loaded on the server: a quick switch)."""
+    for task in sorted({w.task for w in record.swaps}):
+        start = record.tasks[task]["prompt_version"]
+        now = {i["task"]: i["prompt_version"] for i in await driver.get_tasks()}.get(task)
+        if now in (start, None):
+            continue
+        made = {w.artifact: w.version for w in record.swaps if w.task == task and w.version}
+        # The artifact known to make the starting version first, then any never loaded here.
+        tries = [a for a, v in made.items() if v == start]
+        tries += [a for a in driver.config.swap_artifacts if a not in made]
+        for artifact in dict.fromkeys(tries):
+            swap = await driver.swap(task, artifact, uploads.get(artifact), 0)
+            record.restores.append(swap)
+            if swap.version == start:
+                log.info("task %s restored to version %s (%s)", task, start, artifact)
+                break
+        else:
+            log.warning(
+                "task %s is left on a version other than its starting %s: no swap "
+                "artifact makes it (add that artifact to --swap-artifacts)",
+                task,
+                start,
+            )
 
 
 def _chosen_tasks(config: LoadConfig, infos: dict[str, dict]) -> list[str]:

@@ -17,9 +17,9 @@ PERCENTILES = (50, 90, 95, 99)
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
-        return {f"p{q}": None for q in PERCENTILES} | {"mean": None, "max": None}
+        return dict.fromkeys([*(f"p{q}" for q in PERCENTILES), "mean", "max"])
     array = np.asarray(values)
-    out = {f"p{q}": float(np.percentile(array, q)) for q in PERCENTILES}
+    out: dict[str, float | None] = {f"p{q}": float(np.percentile(array, q)) for q in PERCENTILES}
     return out | {"mean": float(array.mean()), "max": float(array.max())}
 
 
@@ -35,6 +35,7 @@ def summarise(record: Run) -> dict:
         "versions_checked": checked,
         "levels": levels,
         "swaps": [asdict(w) | {"latency_ms": w.latency_ms} for w in record.swaps],
+        "restores": [asdict(w) for w in record.restores],
         "sample_fields": ["concurrency", "op", "task", "items", "start_s", "latency_ms", "error"],
         "samples": [_compact(s) for s in record.samples],
     }

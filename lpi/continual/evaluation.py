@@ -1,4 +1,4 @@
-"""Evaluating a continual run after each task (spec section 5).
+"""Evaluating a continual run after each task (METHOD.md §5).
 
 Each seen task's test images and captions are encoded with the task's own prompt (oracle) and
 with the prompt of the task their frozen features route to (task keys); recall@K is computed
@@ -9,7 +9,9 @@ Dimensions: I images, C captions, E embedding, B encoding batch.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -18,6 +20,9 @@ from lpi.continual import recall as recall_metrics
 from lpi.prompts import PromptBank
 from lpi.routing import TaskKeys, routing_accuracy
 from lpi.tokenizer import tokenize
+
+if TYPE_CHECKING:
+    from lpi.backbone import Backbone
 
 ENCODE_BATCH = 256
 
@@ -34,7 +39,13 @@ def make_test_set(pixels: Tensor, captions: list[str], caption_to_image: Tensor)
 
 
 @torch.no_grad()
-def encode(backbone, bank: PromptBank | None, data: Tensor, rows: list[str | None], image: bool):
+def encode(
+    backbone: Backbone,
+    bank: PromptBank | None,
+    data: Tensor,
+    rows: Sequence[str | None],
+    image: bool,
+) -> Tensor:
     """Features [I or C, E] of pixels or tokens, row r encoded with task rows[r] (None: bare)."""
     device = next(backbone.parameters()).device
     encoder = backbone.encode_image if image else backbone.encode_text
@@ -50,7 +61,13 @@ def encode(backbone, bank: PromptBank | None, data: Tensor, rows: list[str | Non
     return torch.cat(out)
 
 
-def _galleries(backbone, bank, sets, image_rows, text_rows) -> dict[str, recall_metrics.Gallery]:
+def _galleries(
+    backbone: Backbone,
+    bank: PromptBank | None,
+    sets: dict[str, TestSet],
+    image_rows: Mapping[str, Sequence[str | None]],
+    text_rows: Mapping[str, Sequence[str | None]],
+) -> dict[str, recall_metrics.Gallery]:
     return {
         task: (
             encode(backbone, bank, data.pixels, image_rows[task], image=True),
@@ -67,7 +84,7 @@ def headline_r1(recall: recall_metrics.Recall) -> float:
 
 
 def evaluate_seen(
-    backbone, bank: PromptBank | None, keys: TaskKeys | None, sets: dict[str, TestSet]
+    backbone: Backbone, bank: PromptBank | None, keys: TaskKeys | None, sets: dict[str, TestSet]
 ) -> dict:
     """Recall of every seen task, oracle and routed, per-task and union gallery."""
     oracle_image = {t: [t if bank else None] * len(d.pixels) for t, d in sets.items()}
@@ -75,7 +92,12 @@ def evaluate_seen(
     oracle = recall_metrics.task_and_union_recall(
         _galleries(backbone, bank, sets, oracle_image, oracle_text)
     )
-    result = {"tasks": list(sets), "oracle": oracle, "routed": oracle, "routing_accuracy": None}
+    result: dict[str, Any] = {
+        "tasks": list(sets),
+        "oracle": oracle,
+        "routed": oracle,
+        "routing_accuracy": None,
+    }
     if keys is not None:  # routing is measured even where no prompt makes it matter
         routed_image, routed_text, result["routing_accuracy"] = _routes(backbone, keys, sets)
         if bank is not None:
@@ -88,11 +110,14 @@ def evaluate_seen(
     return result
 
 
-def _routes(backbone, keys: TaskKeys, sets: dict[str, TestSet]):
+def _routes(
+    backbone: Backbone, keys: TaskKeys, sets: dict[str, TestSet]
+) -> tuple[dict[str, list[str]], dict[str, list[str]], dict[str, float]]:
     """Each query's routed task, from its frozen features, and routing accuracy per modality."""
-    image_rows, text_rows = {}, {}
-    truth = {"image": [], "text": []}
-    guess = {"image": [], "text": []}
+    image_rows: dict[str, list[str]] = {}
+    text_rows: dict[str, list[str]] = {}
+    truth: dict[str, list[str]] = {"image": [], "text": []}
+    guess: dict[str, list[str]] = {"image": [], "text": []}
     for task, data in sets.items():
         frozen_image = encode(backbone, None, data.pixels, [None] * len(data.pixels), True)
         frozen_text = encode(backbone, None, data.tokens, [None] * len(data.tokens), False)
@@ -108,6 +133,6 @@ def _routes(backbone, keys: TaskKeys, sets: dict[str, TestSet]):
 def summarise(results: list[dict], mode: str = "oracle") -> dict:
     """Matrix of headline R@1 (row t: after task t), seen means, final mean, forgetting."""
     rows = [[result["r1"][mode][t] for t in result["tasks"]] for result in results]
-    summary = recall_metrics.continual_summary(recall_metrics.results_matrix(rows))
+    summary: dict[str, Any] = recall_metrics.continual_summary(recall_metrics.results_matrix(rows))
     summary["matrix"] = rows
     return summary

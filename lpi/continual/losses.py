@@ -1,4 +1,4 @@
-"""The LPI training losses (spec section 4), as plain functions of tensors.
+"""The LPI training losses (METHOD.md §4), as plain functions of tensors.
 
     L = L_clip + 0.1 * L_layer + 0.1 * [k >= 1] * L_task
 

@@ -1,4 +1,4 @@
-"""Training one task's prompts on a frozen backbone (spec sections 4 and 5).
+"""Training one task's prompts on a frozen backbone (METHOD.md §4, §5).
 
 The pieces `lpi.train` composes: which prompt module a method trains, the single-task prefix
 of a batch, the loss of one step, and the optimiser with its cosine schedule. The backbone
@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import ParamsT
 
 from lpi.config import PromptConfig
 from lpi.continual import losses
@@ -19,7 +21,10 @@ from lpi.prefix import Prefix, batch_prefix, task_prefix
 from lpi.prompts import DensePrompts, TaskPrompts
 from lpi.tokenizer import tokenize
 
-# Methods of spec section 5: LPI, its ablations, and the baselines on the same code path.
+if TYPE_CHECKING:
+    from lpi.backbone import Backbone
+
+# Methods of METHOD.md §5: LPI, its ablations, and the baselines on the same code path.
 METHODS = {
     "lpi": "LPI: low-rank prompts with interaction, layer contrast and task constraint",
     "lpi-no-interaction": "LPI without the cross-modal interaction",
@@ -56,7 +61,9 @@ def method_spec(method: str) -> MethodSpec:
     return specs[method]
 
 
-def new_prompts(method: str, config: PromptConfig, backbone) -> TaskPrompts | DensePrompts:
+def new_prompts(
+    method: str, config: PromptConfig, backbone: Backbone
+) -> TaskPrompts | DensePrompts:
     spec = method_spec(method)
     if spec.dense:
         return DensePrompts.for_backbone(config, backbone)
@@ -65,7 +72,7 @@ def new_prompts(method: str, config: PromptConfig, backbone) -> TaskPrompts | De
 
 
 def single_task_prefix(
-    backbone, prompts_v: Tensor, prompts_t: Tensor, batch: int
+    backbone: Backbone, prompts_v: Tensor, prompts_t: Tensor, batch: int
 ) -> tuple[Prefix, Prefix]:
     """Image and text prefixes of a batch whose rows all belong to one task (differentiable)."""
     prefix = task_prefix(backbone, prompts_v, prompts_t)
@@ -87,7 +94,7 @@ def task_constraint(
 
 
 def step_loss(
-    backbone,
+    backbone: Backbone,
     prompts: nn.Module,
     pixels: Tensor,
     tokens: Tensor,
@@ -108,7 +115,9 @@ def step_loss(
     )
 
 
-def cosine_schedule(optimizer, total_steps: int, warmup_steps: int):
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to zero."""
 
     def factor(step: int) -> float:
@@ -120,13 +129,15 @@ def cosine_schedule(optimizer, total_steps: int, warmup_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def make_optimizer(parameters, lr: float, weight_decay: float, total_steps: int):
+def make_optimizer(
+    parameters: ParamsT, lr: float, weight_decay: float, total_steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     scheduler = cosine_schedule(optimizer, total_steps, max(1, total_steps // 20))
     return optimizer, scheduler
 
 
-def describe_tasks(backbone, names: list[str]) -> Tensor:
+def describe_tasks(backbone: Backbone, names: list[str]) -> Tensor:
     """Frozen text features of task descriptions [K, E]: the task similarity's inputs."""
     with torch.no_grad():
         return backbone.encode_text(tokenize([name.replace("-", " ") for name in names]))

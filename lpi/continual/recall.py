@@ -1,4 +1,4 @@
-"""Retrieval recall@K and the continual summaries of spec section 5.
+"""Retrieval recall@K and the continual summaries of METHOD.md §5.
 
 Recall follows the COCO / Flickr protocol: text->image, a caption is a hit when its own image is
 in the top K; image->text, an image is a hit when ANY of its captions is in the top K (the rank of
@@ -186,9 +186,9 @@ def continual_summary(matrix: Tensor) -> dict[str, list[float] | float]:
     """Mean over seen tasks after each task, the final mean, and forgetting per task.
 
     Sign convention, positive = forgot: forgetting[i] = max over t < T-1 of R[t, i] - R[T-1, i],
-    for i < T-1 (Chaudhry et al. 2018). The spec writes "final minus best earlier value", which
-    is -forgetting (negative = forgot). mean_forgetting averages over the T-1 earlier tasks and is
-    NaN when T = 1. Only the lower triangle (i <= t) of R [T, T] is read.
+    for i < T-1 (Chaudhry et al. 2018). docs/METHOD.md says "final minus best earlier value",
+    which is -forgetting (negative = forgot). mean_forgetting averages over the T-1 earlier
+    tasks and is NaN when T = 1. Only the lower triangle (i <= t) of R [T, T] is read.
     """
     count = matrix.shape[0]
     if matrix.ndim != 2 or matrix.shape[1] != count or count == 0:

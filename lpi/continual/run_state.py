@@ -15,9 +15,11 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from lpi import atomic
 from lpi.config import PromptConfig
@@ -59,7 +61,7 @@ class RunState:
     parameters_per_task: int = 0
 
 
-def json_safe(value):
+def json_safe(value: Any) -> Any:
     """JSON has no NaN: replace it with None, recursively."""
     if isinstance(value, float) and math.isnan(value):
         return None
@@ -119,7 +121,8 @@ def load_task(folder: Path, index: int, task: str, module: torch.nn.Module) -> d
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     module.load_state_dict(load_file(str(path)), strict=True)
-    return json.loads(metadata.get("meta", "{}"))
+    meta: dict = json.loads(metadata.get("meta", "{}"))
+    return meta
 
 
 def save_keys(folder: Path, keys: TaskKeys) -> None:

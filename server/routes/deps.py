@@ -1,4 +1,5 @@
-"""Dependencies the routers share: the app's service and the API-key checks."""
+"""What the routers share: the app's service, the key checks (run before any body is read)
+and the JSON body reader for routes that also take other content types."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import hmac
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from server.errors import ApiError
+from server.exceptions import MissingKeyError, WrongKeyError
 from server.service import Service
 
 
@@ -38,11 +40,12 @@ def _check(request: Request, wanted: SecretStr | None, role: str) -> None:
         return
     given = _presented_key(request)
     if given is None:
-        raise ApiError(401, "unauthorized", f"this endpoint needs the {role} key "
-                       "(Authorization: Bearer <key>)", "authorization")  # fmt: skip
+        raise MissingKeyError(
+            f"this endpoint needs the {role} key (Authorization: Bearer <key>)", "authorization"
+        )
     # Constant time, so the comparison reveals nothing of the key.
     if not hmac.compare_digest(given.encode(), wanted.get_secret_value().encode()):
-        raise ApiError(403, "forbidden", f"wrong {role} key", "authorization")
+        raise WrongKeyError(f"wrong {role} key", "authorization")
 
 
 async def require_api_key(request: Request) -> None:
@@ -69,3 +72,26 @@ async def require_admin_key(request: Request) -> None:
         _check(request, settings.admin_key, "admin")
     else:
         _check(request, settings.api_key, "API")
+
+
+KEY_CHECKS = (require_api_key, require_admin_key)
+
+
+class KeyFirstRoute(APIRoute):
+    """Runs the route's key check before FastAPI reads or validates the body, so a caller
+    without the key gets 401/403 and learns nothing of how its body would fare (FastAPI parses
+    a JSON body before it runs any dependency). The check stays declared as the route's
+    dependency, where it runs once more: a constant-time comparison."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+        checks = [d.dependency for d in self.dependencies if d.dependency in KEY_CHECKS]
+        if not checks:
+            return handler
+
+        async def key_first(request: Request):
+            for check in checks:
+                await check(request)
+            return await handler(request)
+
+        return key_first

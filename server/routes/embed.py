@@ -7,12 +7,12 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, Depends, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.errors import ApiError
+from server.exceptions import EmptyBatchError, InvalidRequestError, TooManyItemsError
 from server.inputs import decode_base64
-from server.routes.deps import json_body, require_api_key, service
+from server.routes.deps import KeyFirstRoute, json_body, require_api_key, service
 from wire import schema
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(dependencies=[Depends(require_api_key)], route_class=KeyFirstRoute)
 
 MULTIPART_DOC = {
     "requestBody": {
@@ -63,9 +63,10 @@ async def _form(request: Request, limit: int):
         form = await request.form(max_files=limit, max_fields=limit + 1)
     except StarletteHTTPException as err:
         if "Too many" in str(err.detail):
-            raise ApiError(413, "too_many_items", f"more than {limit} items; this server "
-                           f"takes at most {limit} per request", "images") from None  # fmt: skip
-        raise ApiError(422, "invalid_request", f"body: {err.detail}", "body") from None
+            raise TooManyItemsError(
+                f"more than {limit} items; this server takes at most {limit} per request", "images"
+            ) from None
+        raise InvalidRequestError(f"body: {err.detail}", "body") from None
     try:
         yield form
     finally:
@@ -77,16 +78,16 @@ async def _from_form(request: Request) -> tuple[str | None, list[str], list[byte
     async with _form(request, limit) as form:
         task = form.get("task")
         if task is not None and not schema.is_task_name(task):
-            raise ApiError(422, "invalid_request", "task: not a task name", "task")
+            raise InvalidRequestError("task: not a task name", "task")
         texts, images = [], []
         for text in form.getlist("texts"):
             if not isinstance(text, str):
-                raise ApiError(422, "invalid_request", "texts: give texts as fields", "texts")
+                raise InvalidRequestError("texts: give texts as fields", "texts")
             texts.append(text)
         for i, upload in enumerate(form.getlist("images")):
             if isinstance(upload, str):
-                raise ApiError(422, "invalid_request", f"images[{i}]: send a file", f"images[{i}]")
+                raise InvalidRequestError(f"images[{i}]: send a file", f"images[{i}]")
             images.append(await upload.read())
     if not texts and not images:
-        raise ApiError(422, "empty_batch", "nothing to embed: give texts or images", "texts")
+        raise EmptyBatchError("nothing to embed: give texts or images", "texts")
     return task or None, texts, images

@@ -1,8 +1,9 @@
 """Task prompts at runtime: list, inspect, load or replace, promote, unload.
 
 A load reads an artifact from the configured artifact directory (a relative path, confined to
-it) or from the request body (`application/octet-stream`, or a multipart `file`), validates it
-completely and only then swaps it in; a failed load leaves the old version serving.
+it) or from the request body (`application/octet-stream`, or a multipart `file`); the service
+validates it completely and only then swaps it in, so a failed load leaves the old version
+serving. This router does HTTP only (bodies, uploads, paths); the service does the rest.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
-from starlette.concurrency import run_in_threadpool
 
-from server.errors import ApiError
-from server.routes.deps import json_body, require_admin_key, require_api_key
+from server.exceptions import InvalidPathError, InvalidRequestError, NoSuchArtifactError
+from server.routes.deps import KeyFirstRoute, json_body, require_admin_key, require_api_key
+from server.routes.deps import service as service_of
 from wire import schema
 
-router = APIRouter(prefix="/tasks", tags=["tasks"])
+router = APIRouter(prefix="/tasks", tags=["tasks"], route_class=KeyFirstRoute)
 TaskPath = PathParam(pattern=schema.TASK_PATTERN)
 ERRORS = {code: {"model": schema.ErrorBody} for code in (401, 403, 404, 409, 413, 422)}
 
@@ -34,30 +35,29 @@ UPLOAD_DOC = {
 }
 
 
-def _registry(request: Request):
-    return request.app.state.service.registry
-
-
 @router.get("", response_model=schema.TaskList, dependencies=[Depends(require_api_key)])
 async def list_tasks(request: Request) -> dict:
-    registry = _registry(request)
-    infos = await run_in_threadpool(lambda: [registry.info(t) for t in registry.names()])
-    return {"tasks": infos}
+    return await service_of(request).list_tasks()
 
 
 @router.get(
-    "/{task}", response_model=schema.TaskInfo, responses=ERRORS,
+    "/{task}",
+    response_model=schema.TaskInfo,
+    responses=ERRORS,
     dependencies=[Depends(require_api_key)],
-)  # fmt: skip
+)
 async def get_task(request: Request, task: str = TaskPath) -> dict:
     request.state.task = task
-    return await run_in_threadpool(_registry(request).info, task)
+    return await service_of(request).task_info(task)
 
 
 @router.put(
-    "/{task}", response_model=schema.LoadTaskResponse, responses=ERRORS,
-    dependencies=[Depends(require_admin_key)], openapi_extra=UPLOAD_DOC,
-)  # fmt: skip
+    "/{task}",
+    response_model=schema.LoadTaskResponse,
+    responses=ERRORS,
+    dependencies=[Depends(require_admin_key)],
+    openapi_extra=UPLOAD_DOC,
+)
 async def load_task(
     request: Request,
     task: str = TaskPath,
@@ -65,67 +65,74 @@ async def load_task(
 ) -> dict:
     """Load or replace a task from an artifact (a path in the artifact directory, or bytes)."""
     request.state.task = task
-    if task == schema.AUTO:
-        raise ApiError(422, "reserved_name", "task: 'auto' routes by task keys; pick another "
-                       "name", "task")  # fmt: skip
-    registry, upload = _registry(request), None
+    service, upload = service_of(request), None
     if request.headers.get("content-type", "").startswith("application/json"):
         body = await json_body(request, schema.LoadTaskRequest)
-        source = confined(request.app.state.settings.inbox, body.path)
+        source, shown = confined(request.app.state.settings.inbox, body.path), body.path
         promote = promote or body.promote
     else:
-        source = upload = await _receive_upload(request, registry.state_dir / "uploads")
+        source = upload = await _receive_upload(request, service.upload_dir)
+        shown = "the uploaded artifact"
     try:
-        previous, changed = await run_in_threadpool(registry.load, task, source, promote=promote)
+        return await service.load_task(task, source, promote=promote, shown=shown)
     finally:
         if upload is not None:
             upload.unlink(missing_ok=True)
-    info = await run_in_threadpool(registry.info, task)  # counts vectors: outside the load
-    return {"task": info, "previous_version": previous, "changed": changed}
 
 
 @router.post(
-    "/{task}/promote", response_model=schema.TaskInfo, responses=ERRORS,
+    "/{task}/promote",
+    response_model=schema.TaskInfo,
+    responses=ERRORS,
     dependencies=[Depends(require_admin_key)],
-)  # fmt: skip
+)
 async def promote_task(body: schema.PromoteRequest, request: Request, task: str = TaskPath) -> dict:
-    """Make a loaded version the one /search uses (after re-indexing under it)."""
+    """Make a loaded version the one /search uses (after re-indexing under it). A version
+    with no vectors, while the serving one has some, is refused (409) unless `force`."""
     request.state.task = task
-    registry = _registry(request)
-    await run_in_threadpool(registry.promote, task, body.version)
-    return await run_in_threadpool(registry.info, task)
+    return await service_of(request).promote_task(task, body.version, force=body.force)
 
 
 @router.delete(
-    "/{task}", response_model=schema.UnloadResponse, responses=ERRORS,
+    "/{task}",
+    response_model=schema.UnloadResponse,
+    responses=ERRORS,
     dependencies=[Depends(require_admin_key)],
-)  # fmt: skip
+)
 async def unload_task(
     request: Request,
     task: str = TaskPath,
     delete_vectors: bool = Query(False, description="Also delete the task's stored vectors."),
 ) -> dict:
-    """Stop serving a task; requests already running finish with their version."""
+    """Stop serving a task: new requests on it are refused at once, requests in flight finish
+    with their version, then it (and, if asked, its vectors) leave."""
     request.state.task = task
-    versions = await run_in_threadpool(
-        lambda: _registry(request).unload(task, delete_vectors=delete_vectors)
-    )
-    return {"task": task, "unloaded_versions": versions, "vectors_deleted": delete_vectors}
+    return await service_of(request).unload_task(task, delete_vectors=delete_vectors)
 
 
 def confined(root: Path, relative: str) -> Path:
     """`relative` inside `root`, or a 422: no absolute paths, no '..', no escaping symlinks."""
     candidate = Path(relative)
     if not relative or candidate.is_absolute() or ".." in candidate.parts or "\x00" in relative:
-        raise ApiError(422, "invalid_path", "path: give a path relative to the artifact "
-                       "directory, without '..'", "path")  # fmt: skip
+        raise InvalidPathError(
+            "path: give a path relative to the artifact directory, without '..'", "path"
+        )
     base = root.resolve()
-    resolved = (base / candidate).resolve()
-    if not resolved.is_relative_to(base):
-        raise ApiError(422, "invalid_path", "path: leaves the artifact directory", "path")
-    if not resolved.is_file():
-        raise ApiError(404, "no_such_artifact", f"path: no file {relative!r} in the artifact "
-                       "directory", "path")  # fmt: skip
+    try:  # a name too long, a symlink loop, no permission: the path's fault, named as such
+        resolved = (base / candidate).resolve()
+        inside = resolved.is_relative_to(base)
+        found = inside and resolved.is_file()
+        if found:
+            with open(resolved, "rb"):  # readable now, not first found unreadable by the loader
+                pass
+    except (OSError, RuntimeError, ValueError) as err:  # Python < 3.13: a loop is RuntimeError
+        loop = isinstance(err, RuntimeError)
+        reason = getattr(err, "strerror", None) or ("symlink loop" if loop else "not a file name")
+        raise InvalidPathError(f"path: cannot be resolved ({reason})", "path") from None
+    if not inside:
+        raise InvalidPathError("path: leaves the artifact directory", "path")
+    if not found:
+        raise NoSuchArtifactError(f"path: no file {relative!r} in the artifact directory", "path")
     return resolved
 
 
@@ -140,8 +147,9 @@ async def _receive_upload(request: Request, folder: Path) -> Path:
                 async with request.form(max_files=1, max_fields=1) as form:
                     upload = form.get("file")
                     if upload is None or isinstance(upload, str):
-                        raise ApiError(422, "invalid_request", "file: send the artifact as a "
-                                       "multipart file named 'file'", "file")  # fmt: skip
+                        raise InvalidRequestError(
+                            "file: send the artifact as a multipart file named 'file'", "file"
+                        )
                     while chunk := await upload.read(1 << 20):
                         size += len(chunk)
                         out.write(chunk)
@@ -154,6 +162,5 @@ async def _receive_upload(request: Request, folder: Path) -> Path:
         raise
     if size == 0:
         Path(temp).unlink(missing_ok=True)
-        raise ApiError(422, "invalid_request", "body: send the artifact file, or JSON with "
-                       "a path", "body")  # fmt: skip
+        raise InvalidRequestError("body: send the artifact file, or JSON with a path", "body")
     return Path(temp)

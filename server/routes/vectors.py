@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from server.routes.deps import require_api_key, service
+from server.routes.deps import KeyFirstRoute, require_api_key, service
 from wire import schema
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(dependencies=[Depends(require_api_key)], route_class=KeyFirstRoute)
 ERRORS = {code: {"model": schema.ErrorBody} for code in (404, 409, 413, 422, 503)}
 
 

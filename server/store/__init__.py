@@ -1,4 +1,4 @@
-"""Vector storage: Qdrant behind the small `VectorStore` interface (issue 6, item 3).
+"""Vector storage: Qdrant behind the small `VectorStore` interface.
 
     from server.store import QdrantStore
     store = QdrantStore("data/qdrant")           # embedded; or location=":memory:", or url=
@@ -8,10 +8,18 @@
     store.ensure_task("coco", 512, new_version)  # re-index under the new prompt version,
     store.promote("coco", new_version)           # then switch atomically
 
-- `base`: the interface, `Hit`, the errors, and the checks every implementation shares;
-- `core`: the logic and both layouts, once, over a small `Backend` of Qdrant primitives;
+- `contract`: the `VectorStore` protocol, `Hit`, the errors, names, and the checks of ids,
+  vectors and arguments every implementation shares;
+- `payloads`: what a payload and a filter may hold, and the escaping of what a search returns;
+- `task_versions`: `Store`, the logic of task versions in collections (catalog, serving
+  version, both layouts), once, over a small `Backend` of Qdrant primitives;
 - `qdrant`: `QdrantStore`, over qdrant-client (local mode in a directory, memory, or a server);
-- `edge`: `EdgeStore`, over qdrant-edge-py (the Qdrant engine in-process, HNSW included).
+- `edge`: `EdgeStore`, over qdrant-edge-py (the Qdrant engine in-process, HNSW included);
+- `tuning`: `IndexSettings` (HNSW, int8 quantisation, on-disk vectors, shards and replicas of
+  new collections) and `SearchOptions` (exact, hnsw_ef per search);
+- `building`, `build_worker`: the edge store's index builds, in a child process, swapped in;
+- `fields`: payload indexes, declared or asked for by a filter; `bulk`: resumable writes and
+  precomputed vectors; `configure`: the server's settings -> a store.
 
 qdrant_client and qdrant_edge are imported only when their store is first named.
 """
@@ -20,18 +28,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from server.store.base import (
+from server.store.contract import (
     LAYOUTS,
     ConflictError,
     Hit,
     InvalidInputError,
     Layout,
+    MissingCollectionError,
     StoreError,
     UnknownTaskError,
     UnknownVersionError,
     VectorStore,
 )
-from server.store.core import Backend, Store
+from server.store.task_versions import Backend, Store
+from server.store.tuning import IndexSettings, SearchOptions
 
 if TYPE_CHECKING:
     from server.store.edge import EdgeStore
@@ -43,9 +53,12 @@ __all__ = [
     "ConflictError",
     "EdgeStore",
     "Hit",
+    "IndexSettings",
     "InvalidInputError",
     "Layout",
+    "MissingCollectionError",
     "QdrantStore",
+    "SearchOptions",
     "Store",
     "StoreError",
     "UnknownTaskError",

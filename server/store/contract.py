@@ -10,7 +10,6 @@ Dimensions: B points in a batch, D the vector size of a task version.
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from collections import Counter
@@ -21,6 +20,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from wire import schema
+from wire.payloads import utf8_error
 
 Layout = Literal["collection-per-task", "tenant"]
 LAYOUTS: tuple[Layout, ...] = ("collection-per-task", "tenant")
@@ -41,24 +41,35 @@ _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/lpi-serve/store"
 
 
 class StoreError(Exception):
-    """Base of the store's errors; the subclass says which HTTP status the server should map."""
+    """Base of the store's errors: what went wrong, and `field`, the argument at fault (`dim`,
+    `ids[3]`, `payloads[2]`, `version`, ...; None when none is). No HTTP status: the server's
+    error map turns the subclass into one."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class InvalidInputError(StoreError, ValueError):
-    """A malformed argument (422); the message names it."""
+    """A malformed argument; `field` names it."""
 
 
 class UnknownTaskError(StoreError, LookupError):
-    """No version of this task was ever ensured (404)."""
+    """No version of this task was ever ensured (or the task was deleted meanwhile)."""
 
 
 class UnknownVersionError(StoreError, LookupError):
-    """The task exists, this prompt version of it does not (404 or 409 after a prompt swap)."""
+    """The task exists, this prompt version of it does not (after a prompt swap)."""
 
 
 class ConflictError(StoreError):
-    """The request contradicts the stored state (409): a dimension, the layout, the serving
+    """The request contradicts the stored state: a dimension, the layout, the serving
     version."""
+
+
+class MissingCollectionError(StoreError):
+    """A backend's collection vanished between the catalog read and the call (a concurrent
+    delete); the store turns it into UnknownTaskError for the caller."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +125,27 @@ class VectorStore(Protocol):
     def promote(self, task: str, version: str) -> None:
         """Atomically make `version` the task's serving version."""
 
-    def count(self, task: str, version: str) -> int: ...
+    def count(self, task: str, version: str, filter: Mapping[str, Any] | None = None) -> int:
+        """Points of this version (matching `filter`, exact payload matches, if given)."""
+
+    def list_points(
+        self,
+        task: str,
+        version: str,
+        filter: Mapping[str, Any] | None = None,
+        limit: int = 100,
+        offset: str | None = None,
+    ) -> tuple[list[tuple[str, dict]], str | None]:
+        """A page of (id, payload) and the offset of the next page (None after the last)."""
+
+    def delete_points(
+        self,
+        task: str,
+        version: str,
+        ids: Sequence[str] | None = None,
+        filter: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Delete by ids or by filter (exactly one); returns how many existed."""
 
     def delete_version(self, task: str, version: str) -> None:
         """Drop one version's vectors; the serving version cannot be dropped this way."""
@@ -169,136 +200,117 @@ def catalog_id(*parts: str) -> str:
 
 def check_task(task: Any) -> str:
     if not schema.is_task_name(task):
-        raise InvalidInputError(f"task: {task!r} is not a task id ({schema.TASK_PATTERN})")
+        raise InvalidInputError(f"task: {task!r} is not a task id ({schema.TASK_PATTERN})", "task")
     return task
 
 
 def check_version(version: Any) -> str:
     if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
         raise InvalidInputError(
-            f"version: {version!r} is not a prompt version ({VERSION_RE.pattern})"
+            f"version: {version!r} is not a prompt version ({VERSION_RE.pattern})", "version"
         )
     return version
 
 
 def check_prefix(prefix: Any) -> str:
     if not isinstance(prefix, str) or not PREFIX_RE.fullmatch(prefix):
-        raise InvalidInputError(f"prefix: {prefix!r} does not match {PREFIX_RE.pattern}")
+        raise InvalidInputError(f"prefix: {prefix!r} does not match {PREFIX_RE.pattern}", "prefix")
     return prefix
 
 
 def check_layout(layout: Any) -> Layout:
     if layout not in LAYOUTS:
-        raise InvalidInputError(f"layout: {layout!r} is not one of {LAYOUTS}")
+        raise InvalidInputError(f"layout: {layout!r} is not one of {LAYOUTS}", "layout")
     return layout
 
 
 def check_dim(dim: Any) -> int:
     if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or not 1 <= dim <= MAX_DIM:
-        raise InvalidInputError(f"dim: {dim!r} is not an integer in [1, {MAX_DIM}]")
+        raise InvalidInputError(f"dim: {dim!r} is not an integer in [1, {MAX_DIM}]", "dim")
     return int(dim)
 
 
 def check_top_k(top_k: Any) -> int:
     if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1:
-        raise InvalidInputError(f"top_k: {top_k!r} is not an integer >= 1")
+        raise InvalidInputError(f"top_k: {top_k!r} is not an integer >= 1", "top_k")
     return int(top_k)
 
 
+def check_offset(offset: Any) -> str:
+    """A page offset as `list_points` returned it: a point's uuid."""
+    try:
+        return str(uuid.UUID(str(offset)))
+    except ValueError:
+        raise InvalidInputError(
+            f"offset: {str(offset)[:64]!r} is not an offset a listing returned", "offset"
+        ) from None
+
+
 def check_vectors(vectors: Any, dim: int) -> np.ndarray:
-    """[B, D] finite float32 rows of non-zero norm (cosine normalises them)."""
+    """[B, D] finite rows of non-zero norm -> unit float32 rows (see `_unit_rows`)."""
     array = _as_float(vectors, "vectors")
     if array.ndim >= 1 and array.shape[0] == 0:
-        raise InvalidInputError("vectors: empty batch")
+        raise InvalidInputError("vectors: empty batch", "vectors")
     if array.ndim != 2 or array.shape[1] != dim:
-        raise InvalidInputError(f"vectors: expected shape [B, {dim}], got {list(array.shape)}")
-    return _check_rows(_float32(array), "vectors")
+        raise InvalidInputError(
+            f"vectors: expected shape [B, {dim}], got {list(array.shape)}", "vectors"
+        )
+    return _unit_rows(array, "vectors")
 
 
 def check_vector(vector: Any, dim: int) -> np.ndarray:
-    """[D] finite float32 of non-zero norm."""
+    """[D] finite, of non-zero norm -> a unit float32 vector."""
     array = _as_float(vector, "vector")
     if array.shape != (dim,):
-        raise InvalidInputError(f"vector: expected shape [{dim}], got {list(array.shape)}")
-    return _check_rows(_float32(array)[None], "vector")[0]
+        raise InvalidInputError(
+            f"vector: expected shape [{dim}], got {list(array.shape)}", "vector"
+        )
+    return _unit_rows(array[None], "vector")[0]
 
 
 def _as_float(value: Any, name: str) -> np.ndarray:
     try:
         return np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise InvalidInputError(f"{name}: not a numeric array ({error})") from None
+    except (TypeError, ValueError, OverflowError) as error:
+        raise InvalidInputError(f"{name}: not a numeric array ({error})", name) from None
 
 
-def _float32(array: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):  # what Qdrant stores; an overflow becomes inf, refused next
-        return array.astype(np.float32)
+def _unit_rows(rows: np.ndarray, name: str) -> np.ndarray:
+    """Rows [B, D] (float64) scaled to unit norm, then float32 (what Qdrant stores).
 
-
-def _check_rows(rows: np.ndarray, name: str) -> np.ndarray:
+    Cosine ignores scale, but the backends normalise in float32, where a component of 1e30
+    squares to infinity (Qdrant Edge then scores every point 0) and one of 1e-30 to zero. Here
+    each row is first divided by its largest component, so no square overflows or underflows.
+    """
     finite = np.isfinite(rows).all(axis=1)
     if not finite.all():
-        raise InvalidInputError(f"{name}: row {int(np.argmin(finite))} is not finite")
-    zero = np.linalg.norm(rows, axis=1) == 0
-    if zero.any():
-        raise InvalidInputError(f"{name}: row {int(np.argmax(zero))} has norm 0")
-    return rows
+        raise InvalidInputError(f"{name}: row {int(np.argmin(finite))} is not finite", name)
+    peak = np.abs(rows).max(axis=1)  # [B]
+    if (peak == 0).any():
+        raise InvalidInputError(f"{name}: row {int(np.argmax(peak == 0))} has norm 0", name)
+    scaled = rows / peak[:, None]  # [B, D], largest component +-1
+    return (scaled / np.linalg.norm(scaled, axis=1, keepdims=True)).astype(np.float32)
 
 
 def check_ids(ids: Sequence[str] | None, batch: int) -> list[str]:
     if ids is None:
         return [str(uuid.uuid4()) for _ in range(batch)]
     if isinstance(ids, str) or not isinstance(ids, Sequence):
-        raise InvalidInputError(f"ids: expected a sequence of strings, got {type(ids).__name__}")
+        raise InvalidInputError(
+            f"ids: expected a sequence of strings, got {type(ids).__name__}", "ids"
+        )
     ids = list(ids)
     if len(ids) != batch:
-        raise InvalidInputError(f"ids: {len(ids)} ids for {batch} vectors")
+        raise InvalidInputError(f"ids: {len(ids)} ids for {batch} vectors", "ids")
     for i, id in enumerate(ids):
         if not isinstance(id, str) or not id:
-            raise InvalidInputError(f"ids[{i}]: {id!r} is not a non-empty string")
+            raise InvalidInputError(f"ids[{i}]: {id!r} is not a non-empty string", f"ids[{i}]")
+        why = utf8_error(id)
+        if why:
+            raise InvalidInputError(f"ids[{i}]: the id {why}", f"ids[{i}]")
     duplicates = [id for id, n in Counter(ids).items() if n > 1]
     if duplicates:
-        raise InvalidInputError(f"ids: {duplicates[0]!r} appears more than once in one batch")
+        raise InvalidInputError(
+            f"ids: {duplicates[0]!r} appears more than once in one batch", "ids"
+        )
     return ids
-
-
-def check_payloads(payloads: Sequence[Mapping[str, Any]] | None, batch: int) -> list[dict]:
-    """JSON-shaped dicts without reserved keys, copied (every backend stores JSON)."""
-    if payloads is None:
-        return [{} for _ in range(batch)]
-    if len(payloads) != batch:
-        raise InvalidInputError(f"payloads: {len(payloads)} payloads for {batch} vectors")
-    out = []
-    for i, payload in enumerate(payloads):
-        if not isinstance(payload, Mapping):
-            raise InvalidInputError(f"payloads[{i}]: expected a dict, got {type(payload).__name__}")
-        reserved = RESERVED_KEYS.intersection(payload)
-        if reserved:
-            raise InvalidInputError(f"payloads[{i}]: keys {sorted(reserved)} are reserved")
-        try:
-            out.append(json.loads(json.dumps(dict(payload), allow_nan=False)))
-        except (TypeError, ValueError) as error:
-            raise InvalidInputError(f"payloads[{i}]: not JSON ({error})") from None
-    return out
-
-
-def check_filter(filter: Mapping[str, Any] | None) -> dict[str, str | int | bool]:
-    """Exact-match conditions: payload key -> str, int or bool (what Qdrant matches exactly)."""
-    if filter is None:
-        return {}
-    if not isinstance(filter, Mapping):
-        raise InvalidInputError(f"filter: expected a dict, got {type(filter).__name__}")
-    for key, value in filter.items():
-        if not isinstance(key, str) or not key:
-            raise InvalidInputError(f"filter: key {key!r} is not a non-empty string")
-        if key in RESERVED_KEYS:
-            raise InvalidInputError(f"filter[{key!r}]: reserved; the store sets it")
-        if not isinstance(value, str | int | bool):
-            raise InvalidInputError(
-                f"filter[{key!r}]: {value!r} is not a str, int or bool (exact match only)"
-            )
-    return dict(filter)
-
-
-def user_payload(payload: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {k: v for k, v in (payload or {}).items() if k not in RESERVED_KEYS}

@@ -24,9 +24,11 @@ from typing import Any
 
 import numpy as np
 from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import UnexpectedResponse
 
-from server.store.base import InvalidInputError, Layout, StoreError
-from server.store.core import Must, Store
+from server.store.contract import InvalidInputError, Layout, MissingCollectionError, StoreError
+from server.store.task_versions import Must, Page, Store
+from server.store.tuning import IndexSettings, SearchOptions
 
 # Local mode warns that it ignores payload indexes; the store creates them for servers.
 _LOCAL_INDEX_WARNING = "Payload indexes have no effect in the local Qdrant"
@@ -43,12 +45,53 @@ def match_all(must: Must) -> models.Filter | None:
     return models.Filter(must=conditions)
 
 
+def collection_config(index: IndexSettings, dim: int, tenant: bool) -> dict[str, Any]:
+    """create_collection's arguments. Tenant layout: no global graph, one per tenant value,
+    since no search crosses tasks (Qdrant's multitenancy guide). Local mode ignores HNSW,
+    quantisation, shards and replicas; a server or cluster applies them."""
+    hnsw = models.HnswConfigDiff(
+        m=0 if tenant else index.m,
+        payload_m=index.m if tenant else None,
+        ef_construct=index.ef_construct,
+        full_scan_threshold=index.full_scan_kb(dim),
+    )
+    quantization = None
+    if index.quantization == "int8":
+        scalar = models.ScalarQuantizationConfig(
+            type=models.ScalarType.INT8, quantile=0.99, always_ram=True
+        )
+        quantization = models.ScalarQuantization(scalar=scalar)
+    return {
+        "vectors_config": models.VectorParams(
+            size=dim, distance=models.Distance.COSINE, on_disk=index.on_disk or None
+        ),
+        "hnsw_config": hnsw,
+        "quantization_config": quantization,
+        "shard_number": index.shard_number,
+        "replication_factor": index.replication_factor,
+    }
+
+
+def search_params(index: IndexSettings, options: SearchOptions) -> models.SearchParams:
+    """The request's exactness and ef; int8 candidates rescored on the original vectors."""
+    quantization = None
+    if index.quantization == "int8":
+        quantization = models.QuantizationSearchParams(
+            ignore=not options.quantized, rescore=True, oversampling=index.oversampling
+        )
+    return models.SearchParams(
+        hnsw_ef=options.hnsw_ef or index.hnsw_ef, exact=options.exact, quantization=quantization
+    )
+
+
 class QdrantBackend:
     """`Backend` over a QdrantClient. Local mode is not thread-safe (numpy arrays grow under
     concurrent upserts), so there every call holds one lock; a remote client needs none."""
 
-    def __init__(self, client: QdrantClient, local: bool) -> None:
+    def __init__(self, client: QdrantClient, local: bool, index: IndexSettings | None = None):
         self.client = client
+        self.index = index or IndexSettings()
+        self.local = local  # local mode is brute force: search parameters would only warn
         self._lock = threading.Lock() if local else contextlib.nullcontext()
 
     def collection_dim(self, name: str) -> int | None:
@@ -63,13 +106,9 @@ class QdrantBackend:
     def create_collection(
         self, name: str, dim: int, indexes: Sequence[tuple[str, bool]], tenant: bool
     ) -> None:
-        # Tenant layout: no global graph, one per tenant value, since no search crosses tasks
-        # (Qdrant's multitenancy guide). Local mode ignores HNSW settings.
-        hnsw = models.HnswConfigDiff(m=0, payload_m=16) if tenant else None
-        vectors = models.VectorParams(size=dim, distance=models.Distance.COSINE)
         with self._lock, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_LOCAL_INDEX_WARNING)
-            self.client.create_collection(name, vectors_config=vectors, hnsw_config=hnsw)
+            self.client.create_collection(name, **collection_config(self.index, dim, tenant))
             for field, is_tenant in indexes:
                 schema = models.KeywordIndexParams(
                     type=models.KeywordIndexType.KEYWORD, is_tenant=is_tenant or None
@@ -82,19 +121,51 @@ class QdrantBackend:
 
     def upsert(self, name: str, ids: list[str], vectors: np.ndarray, payloads: list[dict]) -> None:
         batch = models.Batch(ids=ids, vectors=vectors.tolist(), payloads=payloads)
-        with self._lock:
+        with self._lock, self._existing(name):
             self.client.upsert(name, points=batch, wait=True)
 
-    def query(self, name: str, vector: np.ndarray, must: Must, limit: int) -> list[tuple]:
-        with self._lock:
+    def query(
+        self, name: str, vector: np.ndarray, must: Must, limit: int, options: SearchOptions
+    ) -> list[tuple]:
+        params = None if self.local else search_params(self.index, options)
+        with self._lock, self._existing(name):
             points = self.client.query_points(
-                name, query=vector.tolist(), query_filter=match_all(must), limit=limit
+                name,
+                query=vector.tolist(),
+                query_filter=match_all(must),
+                limit=limit,
+                search_params=params,
             ).points
         return [(point.score, point.payload or {}) for point in points]
 
+    def create_index(self, name: str, path: str, kind: str) -> None:
+        schema = {
+            "keyword": models.PayloadSchemaType.KEYWORD,
+            "integer": models.PayloadSchemaType.INTEGER,
+            "bool": models.PayloadSchemaType.BOOL,
+        }[kind]
+        with self._lock, warnings.catch_warnings(), self._existing(name):
+            warnings.filterwarnings("ignore", message=_LOCAL_INDEX_WARNING)
+            self.client.create_payload_index(name, path, field_schema=schema, wait=True)
+
+    def indexed_fields(self, name: str) -> set[str]:
+        with self._lock, self._existing(name):
+            return set(self.client.get_collection(name).payload_schema)
+
     def count(self, name: str, must: Must) -> int:
-        with self._lock:
+        with self._lock, self._existing(name):
             return self.client.count(name, count_filter=match_all(must), exact=True).count
+
+    @contextlib.contextmanager
+    def _existing(self, name: str) -> Iterator[None]:
+        """MissingCollectionError when a call failed because `name` is gone (local mode raises
+        ValueError, a server answers 404): asked of Qdrant, not read from its message."""
+        try:
+            yield
+        except (ValueError, UnexpectedResponse) as error:
+            if not self.client.collection_exists(name):
+                raise MissingCollectionError(f"collection {name!r} does not exist") from error
+            raise
 
     def delete(self, name: str, must: Must) -> None:
         selector = models.FilterSelector(filter=match_all(must))
@@ -105,6 +176,17 @@ class QdrantBackend:
         with self._lock:
             records = self.client.retrieve(name, ids, with_payload=True)
         return [record.payload or {} for record in records]
+
+    def delete_ids(self, name: str, ids: list[str]) -> None:
+        with self._lock, self._existing(name):
+            self.client.delete(name, points_selector=models.PointIdsList(points=ids), wait=True)
+
+    def page(self, name: str, must: Must, limit: int, offset: str | None) -> Page:
+        with self._lock, self._existing(name):
+            records, after = self.client.scroll(
+                name, scroll_filter=match_all(must), limit=limit, offset=offset
+            )
+        return [record.payload or {} for record in records], None if after is None else str(after)
 
     def scroll(self, name: str, must: Must) -> list[dict]:
         return [payload for page in self._pages(name, match_all(must)) for payload in page]
@@ -162,10 +244,12 @@ class QdrantStore(Store):
         batch_size: int = 256,
         timeout: int | None = None,
         prefer_grpc: bool = False,
+        index: IndexSettings | None = None,
     ) -> None:
         client = open_client(path, location, url, api_key, timeout, prefer_grpc)
+        backend = QdrantBackend(client, local=url is None, index=index)
         try:
-            super().__init__(QdrantBackend(client, local=url is None), layout, prefix, batch_size)
+            super().__init__(backend, layout, prefix, batch_size)
         except BaseException:
             client.close()
             raise

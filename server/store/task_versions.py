@@ -22,28 +22,31 @@ about 20 ms per 1000 points). Dimensions: B points, D the vector size.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import numpy as np
 
-from server.store.base import (
+from server.store.bulk import ExistingIds
+from server.store.contract import (
     ID_KEY,
     TASK_KEY,
     VERSION_KEY,
     ConflictError,
     Hit,
+    InvalidInputError,
     Layout,
+    MissingCollectionError,
     UnknownTaskError,
     UnknownVersionError,
     alias_name,
     catalog_id,
     catalog_name,
     check_dim,
-    check_filter,
     check_ids,
     check_layout,
-    check_payloads,
+    check_offset,
     check_prefix,
     check_task,
     check_top_k,
@@ -53,15 +56,37 @@ from server.store.base import (
     collection_name,
     point_id,
     tenant_collection_name,
+)
+from server.store.fields import PayloadIndexes
+from server.store.payloads import (
+    check_filter,
+    check_payloads,
+    filter_key,
+    readable,
     user_payload,
 )
+from server.store.tuning import SearchOptions
 
+PLAIN = SearchOptions()
 Must = Mapping[str, str | int | bool]  # payload key -> exact value, all must match
+Page = tuple[list[dict], str | None]  # payloads, and the offset of the next page
 # Keyword indexes (field, is_tenant) of the shared collections: the filter every search carries
 # there is answered from the index instead of reading each point's payload.
 TENANT_INDEXES = ((TASK_KEY, True), (VERSION_KEY, False))
 CATALOG_INDEXES = (("kind", False), (TASK_KEY, False))
 CATALOG_VECTOR = np.ones((1, 1), dtype=np.float32)  # catalog points carry no meaning in vectors
+
+
+@contextmanager
+def vanished_as_unknown(task: str) -> Iterator[None]:
+    """A collection deleted between the catalog read and the backend call (an unload with
+    delete_vectors, or another process sharing the Qdrant server) means the task is gone."""
+    try:
+        yield
+    except MissingCollectionError as error:
+        raise UnknownTaskError(
+            f"task {task!r} was deleted from the store while this request ran", "task"
+        ) from error
 
 
 class Backend(Protocol):
@@ -79,7 +104,9 @@ class Backend(Protocol):
     def upsert(self, name: str, ids: list[str], vectors: np.ndarray, payloads: list[dict]) -> None:
         """Write B points [B, D] and return once they are durable."""
 
-    def query(self, name: str, vector: np.ndarray, must: Must, limit: int) -> list[tuple]:
+    def query(
+        self, name: str, vector: np.ndarray, must: Must, limit: int, options: SearchOptions
+    ) -> list[tuple]:
         """(score, payload) of the `limit` nearest points matching `must`, best first."""
 
     def count(self, name: str, must: Must) -> int: ...
@@ -92,6 +119,13 @@ class Backend(Protocol):
     def scroll(self, name: str, must: Must) -> list[dict]:
         """Payloads of every point matching `must` (catalog-sized results only)."""
 
+    def delete_ids(self, name: str, ids: list[str]) -> None:
+        """Delete the points of these uuids (absent ones are no error)."""
+
+    def page(self, name: str, must: Must, limit: int, offset: str | None) -> Page:
+        """Up to `limit` payloads matching `must` from point `offset` on (uuid order), and the
+        uuid the next page starts at (None after the last)."""
+
     def alias_target(self, alias: str) -> str | None: ...
 
     def set_alias(self, alias: str, target: str) -> None:
@@ -102,7 +136,7 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-class Store:
+class Store(PayloadIndexes, ExistingIds):
     """`VectorStore` over any `Backend`.
 
     Thread safety: calls that change what exists (ensure, promote, delete) are serialised by a
@@ -136,7 +170,8 @@ class Store:
             if entry is not None and entry["dim"] != dim:
                 raise ConflictError(
                     f"dim: version {version!r} of task {task!r} holds vectors of size "
-                    f"{entry['dim']}, not {dim}"
+                    f"{entry['dim']}, not {dim}",
+                    "dim",
                 )
             name = entry["collection"] if entry else self._collection_for(task, version, dim)
             self._ensure_collection(name, dim)
@@ -163,9 +198,11 @@ class Store:
             for p, id in zip(check_payloads(payloads, len(rows)), ids, strict=True)
         ]
         points = [point_id(task, version, id) for id in ids]
-        for start in range(0, len(rows), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
-            self._backend.upsert(entry["collection"], points[chunk], rows[chunk], stamped[chunk])
+        with vanished_as_unknown(task):
+            for start in range(0, len(rows), self.batch_size):
+                chunk = slice(start, start + self.batch_size)
+                batch = (points[chunk], rows[chunk], stamped[chunk])
+                self._backend.upsert(entry["collection"], *batch)
         return ids
 
     def search(
@@ -177,24 +214,31 @@ class Store:
         filter: Mapping[str, Any] | None = None,
         *,
         accept_mismatch: bool = False,
+        options: SearchOptions | None = None,
     ) -> list[Hit]:
         check_task(task)
         check_version(version)
-        top_k, must = check_top_k(top_k), check_filter(filter)
+        top_k = check_top_k(top_k)
+        must = {filter_key(key): value for key, value in check_filter(filter).items()}
         entry = self._entry(task, version)
         if entry is None:
             entry = self._mismatch_entry(task, version, accept_mismatch)
         query = check_vector(vector, entry["dim"])  # [D]
-        rows = self._backend.query(entry["collection"], query, must | self._scope(entry), top_k)
+        with vanished_as_unknown(task):
+            rows = self._backend.query(
+                entry["collection"], query, must | self._scope(entry), top_k, options or PLAIN
+            )
         stored = entry[VERSION_KEY]
-        return [Hit(p[ID_KEY], float(score), user_payload(p), stored) for score, p in rows]
+        return [
+            Hit(readable(p[ID_KEY]), float(score), user_payload(p), stored) for score, p in rows
+        ]
 
     def serving_version(self, task: str) -> str:
         check_task(task)
         version = self._serving(task)
         if version is None:
             self._require_task(task)
-            raise ConflictError(f"task {task!r} has no serving version: promote one")
+            raise ConflictError(f"task {task!r} has no serving version: promote one", "task")
         return version
 
     def versions(self, task: str) -> list[str]:
@@ -205,9 +249,54 @@ class Store:
             self._require_entry(task, version)
             self._set_serving(task, version)
 
-    def count(self, task: str, version: str) -> int:
+    def count(self, task: str, version: str, filter: Mapping[str, Any] | None = None) -> int:
         entry = self._require_entry(task, version)
-        return self._backend.count(entry["collection"], self._scope(entry))
+        must = self._must(entry, filter)
+        with vanished_as_unknown(task):
+            return self._backend.count(entry["collection"], must)
+
+    def list_points(
+        self,
+        task: str,
+        version: str,
+        filter: Mapping[str, Any] | None = None,
+        limit: int = 100,
+        offset: str | None = None,
+    ) -> tuple[list[tuple[str, dict]], str | None]:
+        """One page of (id, payload) of this version's points (point order, stable while
+        nothing is written); the offset of the next page, or None after the last."""
+        entry = self._require_entry(task, version)
+        must = self._must(entry, filter)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidInputError(f"limit: {limit!r} is not an integer >= 1", "limit")
+        if offset is not None:
+            offset = check_offset(offset)
+        with vanished_as_unknown(task):
+            rows, after = self._backend.page(entry["collection"], must, limit, offset)
+        return [(readable(p[ID_KEY]), user_payload(p)) for p in rows], after
+
+    def delete_points(
+        self,
+        task: str,
+        version: str,
+        ids: Sequence[str] | None = None,
+        filter: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Delete points by the caller's ids or by a payload filter (exactly one); returns how
+        many existed (counted just before the delete)."""
+        entry = self._require_entry(task, version)
+        if (ids is None) == (filter is None):
+            raise InvalidInputError("ids: give exactly one of ids or filter", "ids")
+        with vanished_as_unknown(task):
+            if ids is not None:
+                points = [point_id(task, version, id) for id in check_ids(ids, len(ids))]
+                found = len(self._backend.retrieve(entry["collection"], points))
+                self._backend.delete_ids(entry["collection"], points)
+                return found
+            must = self._must(entry, filter)
+            found = self._backend.count(entry["collection"], must)
+            self._backend.delete(entry["collection"], must)
+            return found
 
     def delete_version(self, task: str, version: str) -> None:
         with self._lock:
@@ -215,7 +304,8 @@ class Store:
             if self._serving(task) == version:
                 raise ConflictError(
                     f"version {version!r} serves task {task!r}: promote another first, "
-                    "or delete the task"
+                    "or delete the task",
+                    "version",
                 )
             self._forget(entry, keep_vectors=False)
 
@@ -246,7 +336,8 @@ class Store:
         elif found[0]["layout"] != self.layout:
             raise ConflictError(
                 f"layout: this store was made with layout {found[0]['layout']!r}, "
-                f"not {self.layout!r}"
+                f"not {self.layout!r}",
+                "layout",
             )
 
     def _write_catalog(self, id: str, payload: dict) -> None:
@@ -260,7 +351,7 @@ class Store:
         check_task(task)
         entries = self._backend.scroll(self._catalog, {"kind": "version", TASK_KEY: task})
         if not entries:
-            raise UnknownTaskError(f"task {task!r} is not in the store")
+            raise UnknownTaskError(f"task {task!r} is not in the store", "task")
         return entries
 
     def _require_entry(self, task: str, version: str) -> dict:
@@ -270,7 +361,8 @@ class Store:
         if entry is None:
             self._require_task(task)
             raise UnknownVersionError(
-                f"version: task {task!r} has no prompt version {version!r} in the store"
+                f"version: task {task!r} has no prompt version {version!r} in the store",
+                "version",
             )
         return entry
 
@@ -281,7 +373,8 @@ class Store:
         if not accept_mismatch or serving is None:
             raise UnknownVersionError(
                 f"version: task {task!r} has no vectors of prompt version {version!r} (it "
-                f"serves {serving!r}): index them and promote, or accept the mismatch"
+                f"serves {serving!r}): index them and promote, or accept the mismatch",
+                "version",
             )
         return self._require_entry(task, serving)
 
@@ -302,6 +395,11 @@ class Store:
 
     # -- layouts ---------------------------------------------------------------------------------
 
+    def _must(self, entry: dict, filter: Mapping[str, Any] | None) -> dict:
+        """A caller's exact-match filter, kept to one version's points."""
+        must = {filter_key(key): value for key, value in check_filter(filter).items()}
+        return must | self._scope(entry)
+
     def _scope(self, entry: dict) -> dict[str, str]:
         """The filter that keeps to one version's points: none where it has its collection."""
         if self.layout == "tenant":
@@ -321,7 +419,7 @@ class Store:
             self._backend.create_collection(name, dim, indexes, tenant=tenant)
         elif found != dim:
             raise ConflictError(
-                f"dim: collection {name!r} holds vectors of size {found}, not {dim}"
+                f"dim: collection {name!r} holds vectors of size {found}, not {dim}", "dim"
             )
 
     def _serving(self, task: str) -> str | None:
@@ -333,7 +431,7 @@ class Store:
             return None
         head = collection_name(self.prefix, task, "")
         if not target.startswith(head):
-            raise ConflictError(f"alias {alias_name(self.prefix, task)!r} names {target!r}")
+            raise ConflictError(f"alias {alias_name(self.prefix, task)!r} names {target!r}", "task")
         return target[len(head) :]
 
     def _set_serving(self, task: str, version: str) -> None:

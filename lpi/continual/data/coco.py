@@ -28,6 +28,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lpi.continual.data.manifest import Record, group, tasks, write_manifest
 
@@ -76,7 +77,7 @@ def load_json(path: str | Path) -> dict:
     return data
 
 
-def _field(data: Mapping, key: str, where: str):
+def _field(data: Mapping, key: str, where: str) -> Any:
     if not isinstance(data, Mapping) or key not in data:
         raise ValueError(f"{where}: missing '{key}'")
     return data[key]
@@ -138,7 +139,8 @@ def _captions_by_image(captions: Mapping, where: str, clean: bool) -> dict[int, 
 
     def by_id(pair: tuple[int, Mapping]) -> int:
         index, ann = pair
-        return ann.get("id", index) if isinstance(ann, Mapping) else index
+        key: int = ann.get("id", index) if isinstance(ann, Mapping) else index
+        return key
 
     for index, ann in sorted(enumerate(annotations), key=by_id):
         here = f"{where}: annotations[{index}]"
@@ -151,7 +153,7 @@ def _captions_by_image(captions: Mapping, where: str, clean: bool) -> dict[int, 
     return texts
 
 
-def _log_dropped(where, files: Mapping, task_of: Mapping, texts: Mapping) -> None:
+def _log_dropped(where: str | Path, files: Mapping, task_of: Mapping, texts: Mapping) -> None:
     no_task = sum(i not in task_of for i in files)
     no_caption = sum(i in task_of and not texts.get(i) for i in files)
     if no_task or no_caption:
@@ -209,7 +211,8 @@ class CocoTasks:
         return cls(by_image)
 
     def __call__(self, entry: Mapping) -> str | None:
-        return self.by_image.get(entry.get("cocoid"))
+        cocoid = entry.get("cocoid")
+        return self.by_image.get(cocoid) if isinstance(cocoid, int) else None
 
 
 TaskAssigner = HashTasks | CocoTasks | Callable[[Mapping], str | None]
@@ -275,6 +278,7 @@ def _coco_main(args: argparse.Namespace) -> list[Record]:
 
 
 def _karpathy_main(args: argparse.Namespace) -> list[Record]:
+    task: str | TaskAssigner
     if args.instances:
         task = CocoTasks.from_instances(args.instances)
     elif args.num_tasks:

@@ -25,13 +25,8 @@ import numpy as np
 from PIL import Image
 
 from lpi.continual.data.manifest import Record, write_manifest
-from lpi.continual.data.synthetic import (
-    BACKGROUNDS,
-    COLOURS,
-    MIN_CONTRAST,
-    unique_fraction,
-    with_articles,
-)
+from lpi.continual.data.synthetic import MIN_CONTRAST, unique_fraction, with_articles
+from lpi.continual.data.synthetic_tasks import BACKGROUNDS, COLOURS
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +112,9 @@ def captions(attrs: dict) -> tuple[str, ...]:
     return tuple(with_articles(template.format(**words)) for template in TEMPLATES)
 
 
-def _plan(task: str, split: str, count: int, labels: np.ndarray, rng) -> list[tuple[int, dict]]:
+def _plan(
+    task: str, split: str, count: int, labels: np.ndarray, rng: np.random.Generator
+) -> list[tuple[int, dict]]:
     """(image index, attributes) pairs: distinct combinations for test, images never reused."""
     pool = combinations(task)
     if split == "test" and count > len(pool):

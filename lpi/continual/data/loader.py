@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -35,7 +36,7 @@ class Batch(NamedTuple):
     image_index: Tensor  # [B] int64, into the dataset's records
 
 
-def load_pixels(path, image_size: int) -> Tensor:
+def load_pixels(path: str | Path, image_size: int) -> Tensor:
     """One image file -> [3, S, S] through lpi.preprocess (the serving path)."""
     with Image.open(path) as image:
         image.load()
@@ -74,7 +75,8 @@ def _decode_all(records: Sequence[Record], image_size: int) -> Tensor:
             f"(limit {CACHE_LIMIT_BYTES / 1024**3:.0f} GiB); load them from disk instead"
         )
     pixels = torch.empty(len(records), 3, image_size, image_size)
-    for index, record in enumerate(tqdm(records, desc="decode", unit="img", leave=False)):
+    bar = tqdm(records, desc="decode", unit="img", leave=False, disable=None)  # terminal only
+    for index, record in enumerate(bar):
         pixels[index] = load_pixels(record.image, image_size)
     return pixels
 

@@ -200,12 +200,12 @@ def _check_tasks(path: Path, records: list[Record], wanted: Sequence[str]) -> No
 
 
 def _to_json(record: Record, folder: Path) -> dict:
-    image = Path(record.image)
-    if image.is_absolute():
-        absolute = os.path.normpath(image)
-        relative = os.path.relpath(absolute, folder)
-        outside = relative == os.pardir or relative.startswith(os.pardir + os.sep)
-        image = Path(absolute if outside else relative)
+    # A relative path is the writer's, relative to the working directory (`--out data/x`),
+    # never to the manifest: store it relative to the manifest's folder like an absolute one.
+    absolute = os.path.abspath(record.image)
+    relative = os.path.relpath(absolute, folder)
+    outside = relative == os.pardir or relative.startswith(os.pardir + os.sep)
+    image = Path(absolute if outside else relative)
     return {
         "image": image.as_posix(),
         "captions": list(record.captions),

@@ -36,273 +36,32 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from lpi import atomic
+from lpi.continual.control import NO_CONTROL, Control
+from lpi.continual.data.drawing import RGB, Scene, render
 from lpi.continual.data.manifest import Record, write_manifest
+from lpi.continual.data.synthetic_tasks import (  # re-exported: the benchmark's vocabulary
+    COLOURS,
+    POSITIONS,
+    PRETRAIN,
+    TASK_NAMES,
+    TASKS,
+    TaskSpec,
+    pretrain_extras,
+    task_spec,
+)
 
 log = logging.getLogger(__name__)
 
-RGB = tuple[int, int, int]
-
-COLOURS: dict[str, RGB] = {
-    "red": (220, 30, 30),
-    "green": (40, 170, 40),
-    "blue": (40, 80, 230),
-    "yellow": (240, 220, 40),
-    "purple": (140, 50, 190),
-    "orange": (250, 140, 20),
-    "pink": (250, 120, 190),
-    "cyan": (40, 210, 220),
-    "white": (245, 245, 245),
-    "brown": (130, 80, 35),
-}
-SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "heart")
-TEXTURES = ("plain", "striped", "spotted", "checked", "wavy")
-SIZES = {"small": 0.10, "medium": 0.16, "large": 0.27}  # object radius / image side
-POSITIONS = {  # name -> (centre x, centre y) / image side, and the caption's phrase
-    "top left": ((0.22, 0.22), "in the top left"),
-    "top": ((0.5, 0.22), "at the top"),
-    "top right": ((0.78, 0.22), "in the top right"),
-    "left": ((0.22, 0.5), "on the left"),
-    "centre": ((0.5, 0.5), "in the centre"),
-    "right": ((0.78, 0.5), "on the right"),
-    "bottom left": ((0.22, 0.78), "in the bottom left"),
-    "bottom": ((0.5, 0.78), "at the bottom"),
-    "bottom right": ((0.78, 0.78), "in the bottom right"),
-}
-BACKGROUNDS: dict[str, RGB] = {  # the named grounds of "sizes-backgrounds"
-    "beige": (225, 205, 160),
-    "olive": (110, 120, 40),
-    "teal": (20, 110, 110),
-    "maroon": (110, 25, 40),
-    "lavender": (190, 170, 225),
-    "mint": (170, 225, 190),
-}
 _BEFORE_VOWEL = re.compile(r"\ba (?=[aeiou])")
 MIN_CONTRAST = 90.0  # RGB distance below which an object colour is not drawn on a ground
 CAPTIONS_PER_IMAGE = 3
-
-
-@dataclass(frozen=True)
-class Thing:
-    """One drawn object; centre and radius are fractions of the image side."""
-
-    shape: str
-    rgb: RGB
-    texture: str
-    centre: tuple[float, float]
-    radius: float
-    angle: float  # degrees
-
-
-@dataclass(frozen=True)
-class Scene:
-    """One image: its ground, its objects, the attributes its captions name, and captions."""
-
-    ground: RGB
-    style: str  # "plain" or "grid"
-    things: tuple[Thing, ...]
-    attributes: dict[str, str]
-    captions: tuple[str, ...]
-    seed: int  # of the ground's pixel noise
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """A task: the attribute families its captions name, its templates, its ground."""
-
-    name: str
-    families: tuple[tuple[str, tuple[str, ...]], ...]
-    templates: tuple[str, ...]
-    ground: Callable[[dict, np.random.Generator], tuple[RGB, str]]
-    compose: Callable[[dict, np.random.Generator], tuple[Thing, ...]]
-    nominal_ground: Callable[[dict], RGB]
-
-
-# --- grounds and objects of each task ----------------------------------------------------------
-
-
-def _grey(attrs: dict, rng: np.random.Generator) -> tuple[RGB, str]:
-    v = int(rng.integers(70, 181))
-    return (v, v, v), "plain"
-
-
-def _dark(attrs: dict, rng: np.random.Generator) -> tuple[RGB, str]:
-    v = int(rng.integers(10, 41))
-    return (v, v, v + 20), "plain"
-
-
-def _light(attrs: dict, rng: np.random.Generator) -> tuple[RGB, str]:
-    v = int(rng.integers(215, 246))
-    return (v, v, v - 12), "plain"
-
-
-def _slate(attrs: dict, rng: np.random.Generator) -> tuple[RGB, str]:
-    return _jitter((70, 80, 95), rng, 10), "grid"
-
-
-def _named(attrs: dict, rng: np.random.Generator) -> tuple[RGB, str]:
-    return _jitter(BACKGROUNDS[attrs["background"]], rng, 10), "plain"
-
-
-def _jitter(rgb: RGB, rng: np.random.Generator, amount: int) -> RGB:
-    noise = rng.integers(-amount, amount + 1, size=3)
-    return tuple(int(c) for c in np.clip(np.array(rgb) + noise, 0, 255))
-
-
-def _thing(attrs: dict, rng, centre, size: str, texture: str, suffix: str = "") -> Thing:
-    return Thing(
-        shape=attrs["shape" + suffix],
-        rgb=_jitter(COLOURS[attrs["colour" + suffix]], rng, 15),
-        texture=texture,
-        centre=centre,
-        radius=SIZES[size] * float(rng.uniform(0.9, 1.1)),
-        angle=float(rng.uniform(-12, 12)),
-    )
-
-
-def _anywhere(size: str, rng: np.random.Generator) -> tuple[float, float]:
-    margin = SIZES[size] * 1.1 + 0.02
-    return tuple(float(v) for v in rng.uniform(margin, 1 - margin, size=2))
-
-
-def _pretrain_extras(attrs: dict, rng: np.random.Generator) -> dict:
-    """Size, texture and position, each named with probability PRETRAIN_NAMING[family]."""
-    named = {key: bool(rng.random() < p) for key, p in PRETRAIN_NAMING.items()}
-    extras = {}
-    if named["position"]:
-        extras["position"] = str(rng.choice(list(POSITIONS)))
-    if named["size"]:  # a large object does not fit a named corner
-        extras["size"] = str(rng.choice(("small", "medium") if named["position"] else list(SIZES)))
-    if named["texture"]:
-        extras["texture"] = str(rng.choice(TEXTURES))
-    return attrs | extras
-
-
-def _pretrain_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]:
-    """Unnamed attributes stay plain, medium or large, anywhere (so shape is easy to learn)."""
-    default = ("medium",) if "position" in attrs else PRETRAIN_SIZES
-    size = attrs.get("size") or str(rng.choice(default))
-    if "position" in attrs:
-        x, y = POSITIONS[attrs["position"]][0]
-        centre = (x + rng.uniform(-0.03, 0.03), y + rng.uniform(-0.03, 0.03))
-    else:
-        centre = _anywhere(size, rng)
-    return (_thing(attrs, rng, centre, size, attrs.get("texture", "plain")),)
-
-
-def _pair_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]:
-    left = (0.27 + rng.uniform(-0.03, 0.03), 0.5 + rng.uniform(-0.12, 0.12))
-    right = (0.73 + rng.uniform(-0.03, 0.03), 0.5 + rng.uniform(-0.12, 0.12))
-    return (
-        _thing(attrs, rng, left, "medium", "plain"),
-        _thing(attrs, rng, right, "medium", "plain", suffix="2"),
-    )
-
-
-def _texture_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]:
-    centre = _anywhere(attrs["size"], rng)
-    return (_thing(attrs, rng, centre, attrs["size"], attrs["texture"]),)
-
-
-def _position_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]:
-    x, y = POSITIONS[attrs["position"]][0]
-    centre = (x + rng.uniform(-0.03, 0.03), y + rng.uniform(-0.03, 0.03))
-    return (_thing(attrs, rng, centre, attrs["size"], "plain"),)
-
-
-def _centred_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]:
-    centre = tuple(float(v) for v in 0.5 + rng.uniform(-0.08, 0.08, size=2))
-    return (_thing(attrs, rng, centre, attrs["size"], "plain"),)
-
-
-SHAPE_COLOUR = (("shape", SHAPES), ("colour", tuple(COLOURS)))
-PRETRAIN_SIZES = ("medium", "large")  # unnamed sizes: big enough for a tiny ViT to learn shape
-PRETRAIN_NAMING = {"size": 0.4, "texture": 0.4, "position": 0.4}  # chance each is named
-PRETRAIN = TaskSpec(
-    name="pretrain",
-    families=SHAPE_COLOUR,
-    templates=(  # {adjectives}: the named size and texture; {where}: the named position
-        "a {adjectives}{colour} {shape}{where}",
-        "a picture of a {adjectives}{colour} {shape}{where}",
-        "a {adjectives}{shape} in {colour}{where}",
-        "a {adjectives}{colour} {shape} shape{where}",
-    ),
-    ground=_grey,
-    compose=_pretrain_things,
-    nominal_ground=lambda attrs: (125, 125, 125),
-)
-TASKS = (
-    TaskSpec(
-        name="shapes-colours",
-        families=(*SHAPE_COLOUR, ("shape2", SHAPES), ("colour2", tuple(COLOURS))),
-        templates=(
-            "a {colour} {shape} and a {colour2} {shape2}",
-            "a {colour} {shape} next to a {colour2} {shape2}",
-            "a {colour} {shape} on the left and a {colour2} {shape2} on the right",
-            "a {colour2} {shape2} to the right of a {colour} {shape}",
-        ),
-        ground=_dark,
-        compose=_pair_things,
-        nominal_ground=lambda attrs: (25, 25, 45),
-    ),
-    TaskSpec(
-        name="textures",
-        families=(*SHAPE_COLOUR, ("texture", TEXTURES), ("size", ("medium", "large"))),
-        templates=(
-            "a {size} {texture} {colour} {shape}",
-            "a {size} {colour} {shape} with a {texture} pattern",
-            "a {texture} {colour} {shape}, {size} in size",
-            "a picture of a {size} {colour} {shape} that is {texture}",
-        ),
-        ground=_light,
-        compose=_texture_things,
-        nominal_ground=lambda attrs: (230, 230, 218),
-    ),
-    TaskSpec(
-        name="positions",
-        families=(*SHAPE_COLOUR, ("position", tuple(POSITIONS)), ("size", ("small", "medium"))),
-        templates=(
-            "a {size} {colour} {shape} {where}",
-            "{where} there is a {size} {colour} {shape}",
-            "a {size} {shape} coloured {colour} {where}",
-            "a picture with a {size} {colour} {shape} {where}",
-        ),
-        ground=_slate,
-        compose=_position_things,
-        nominal_ground=lambda attrs: (70, 80, 95),
-    ),
-    TaskSpec(
-        name="sizes-backgrounds",
-        families=(*SHAPE_COLOUR, ("size", tuple(SIZES)), ("background", tuple(BACKGROUNDS))),
-        templates=(
-            "a {size} {colour} {shape} on a {background} background",
-            "a {background} background with a {size} {colour} {shape}",
-            "a {size} {shape} coloured {colour} on {background}",
-            "a picture of a {size} {colour} {shape} against a {background} background",
-        ),
-        ground=_named,
-        compose=_centred_things,
-        nominal_ground=lambda attrs: BACKGROUNDS[attrs["background"]],
-    ),
-)
-TASK_NAMES = tuple(task.name for task in TASKS)
-
-
-def task_spec(name: str) -> TaskSpec:
-    for task in (PRETRAIN, *TASKS):
-        if task.name == name:
-            return task
-    raise ValueError(
-        f"unknown synthetic task {name!r}; choose from pretrain, {', '.join(TASK_NAMES)}"
-    )
 
 
 # --- attribute sampling and captions -----------------------------------------------------------
@@ -364,7 +123,7 @@ def make_scenes(
     for index in picks:
         attrs = dict(pool[index])  # a copy: the pool is cached
         if task is PRETRAIN:
-            attrs = _pretrain_extras(attrs, rng)
+            attrs = pretrain_extras(attrs, rng)
         ground, style = task.ground(attrs, rng)
         things = task.compose(attrs, rng)
         captions = captions_for(task, attrs, rng, captions_per_image)
@@ -388,124 +147,6 @@ def _any(rng: np.random.Generator, size: int, count: int) -> np.ndarray:
     return rng.integers(size, size=count)
 
 
-# --- drawing -----------------------------------------------------------------------------------
-
-
-def _unit_polygon(shape: str) -> list[tuple[float, float]]:
-    """The shape's outline in unit coordinates (y down), about the same visual area each."""
-    if shape == "square":
-        return [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)]
-    if shape == "triangle":
-        return [(math.cos(a), math.sin(a) + 0.15) for a in _angles(3, -90)]
-    if shape == "diamond":
-        return [(0, -1), (0.7, 0), (0, 1), (-0.7, 0)]
-    if shape == "hexagon":
-        return [(0.95 * math.cos(a), 0.95 * math.sin(a)) for a in _angles(6, 0)]
-    if shape == "star":
-        radii = (1.0, 0.45) * 5
-        return [
-            (r * math.cos(a), r * math.sin(a)) for r, a in zip(radii, _angles(10, -90), strict=True)
-        ]
-    if shape == "cross":
-        w = 0.33
-        return [
-            (-w, -1),
-            (w, -1),
-            (w, -w),
-            (1, -w),
-            (1, w),
-            (w, w),
-            (w, 1),
-            (-w, 1),
-            (-w, w),
-            (-1, w),
-            (-1, -w),
-            (-w, -w),
-        ]
-    if shape == "heart":
-        return _heart()
-    raise ValueError(f"unknown shape {shape!r}")
-
-
-def _angles(count: int, start_degrees: float) -> list[float]:
-    return [math.radians(start_degrees + 360 * k / count) for k in range(count)]
-
-
-@cache
-def _heart() -> list[tuple[float, float]]:
-    t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
-    x = 16 * np.sin(t) ** 3
-    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
-    y = y - (y.max() + y.min()) / 2
-    scale = 0.95 / max(np.abs(x).max(), np.abs(y).max())
-    return [(float(a * scale), float(b * scale)) for a, b in zip(x, y, strict=True)]
-
-
-def _mask(thing: Thing, size: int) -> np.ndarray:
-    """Boolean [S, S]: the pixels the object covers."""
-    canvas = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(canvas)
-    cx, cy, r = thing.centre[0] * size, thing.centre[1] * size, thing.radius * size
-    if thing.shape == "circle":
-        draw.ellipse([cx - 0.9 * r, cy - 0.9 * r, cx + 0.9 * r, cy + 0.9 * r], fill=1)
-    else:
-        cos, sin = math.cos(math.radians(thing.angle)), math.sin(math.radians(thing.angle))
-        points = [
-            (cx + r * (u * cos - v * sin), cy + r * (u * sin + v * cos))
-            for u, v in _unit_polygon(thing.shape)
-        ]
-        draw.polygon(points, fill=1)
-    return np.asarray(canvas, dtype=bool)
-
-
-def _pattern(texture: str, size: int, origin: tuple[float, float]) -> np.ndarray | None:
-    """Boolean [S, S]: the pixels in the darker second colour (None for plain)."""
-    if texture == "plain":
-        return None
-    half = max(2, round(size / 16))  # stripe width; a period is 2 * half
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-    x, y = x - origin[0], y - origin[1]
-    if texture == "striped":
-        return (y // half) % 2 == 1
-    if texture == "checked":
-        return ((x // half) + (y // half)) % 2 == 1
-    if texture == "wavy":
-        return ((y + half * np.sin(0.5 * np.pi * x / half)) // half) % 2 == 1
-    if texture == "spotted":
-        period = 2 * half
-        dx, dy = x % period - half, y % period - half
-        return dx * dx + dy * dy <= (0.6 * half) ** 2
-    raise ValueError(f"unknown texture {texture!r}")
-
-
-def _ground(scene: Scene, size: int) -> np.ndarray:
-    """Float [S, S, 3]: the ground colour, pixel noise, and for "grid" a 3x3 grid of lines."""
-    rng = np.random.default_rng(scene.seed)
-    canvas = np.empty((size, size, 3), np.float32)
-    canvas[:] = scene.ground
-    canvas += rng.normal(0, 5, size=(size, size, 1)).astype(np.float32)
-    if scene.style == "grid":
-        width = max(1, size // 32)
-        for k in (1, 2):
-            line = round(k * size / 3)
-            canvas[line - width // 2 : line - width // 2 + width, :] += 35
-            canvas[:, line - width // 2 : line - width // 2 + width] += 35
-    return canvas
-
-
-def render(scene: Scene, size: int) -> Image.Image:
-    """The scene as an RGB image of size x size pixels."""
-    canvas = _ground(scene, size)  # [S, S, 3]
-    for thing in scene.things:
-        mask = _mask(thing, size)
-        colour = np.broadcast_to(np.array(thing.rgb, np.float32), canvas.shape)
-        pattern = _pattern(thing.texture, size, (thing.centre[0] * size, thing.centre[1] * size))
-        if pattern is not None:
-            colour = np.where(pattern[..., None], colour * 0.35, colour)
-        canvas[mask] = colour[mask]
-    return Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
-
-
 # --- the dataset on disk -----------------------------------------------------------------------
 
 
@@ -525,8 +166,12 @@ def generate(
     image_size: int = 64,
     seed: int = 0,
     progress: bool = False,
+    control: Control = NO_CONTROL,
 ) -> dict:
-    """Write PNGs, manifest.jsonl (tasks), pretrain.jsonl, synthetic.json; return the summary."""
+    """Write PNGs, manifest.jsonl (tasks), pretrain.jsonl, synthetic.json; return the summary.
+
+    `control` is stepped after each image: cancelling it stops between two images.
+    """
     if not 1 <= tasks <= len(TASKS):
         raise ValueError(f"tasks must be in 1..{len(TASKS)}, got {tasks}")
     if min(train_per_task, pretrain) < 1 or test_per_task < 0:
@@ -544,8 +189,15 @@ def generate(
     pretrain_test = min(test_per_task, len(combinations("pretrain")))
     plan += [("pretrain", "train", pretrain), ("pretrain", "test", pretrain_test)]
     start = time.perf_counter()
-    bar = tqdm(total=sum(n for *_, n in plan), unit="img", disable=not progress)
-    records = {key[:2]: _write_split(out, *key, image_size, seed, bar) for key in plan}
+    total = sum(n for *_, n in plan)
+    bar = tqdm(total=total, unit="img", disable=None if progress else True)
+    written = itertools.count(1)
+
+    def tick() -> None:
+        bar.update()
+        control.step(next(written), total)
+
+    records = {key[:2]: _write_split(out, *key, image_size, seed, tick) for key in plan}
     bar.close()
     task_records = [r for (name, _), rs in records.items() if name != "pretrain" for r in rs]
     write_manifest(out / "manifest.jsonl", task_records)
@@ -559,7 +211,7 @@ def generate(
 
 
 def _write_split(
-    out: Path, name: str, split: str, count: int, size: int, seed: int, bar
+    out: Path, name: str, split: str, count: int, size: int, seed: int, tick: Callable[[], None]
 ) -> list[Record]:
     folder = out / "images" / name / split
     folder.mkdir(parents=True, exist_ok=True)
@@ -568,7 +220,7 @@ def _write_split(
         path = folder / f"{index:05d}.png"
         render(scene, size).save(path, compress_level=1)
         records.append(Record(path, scene.captions, name, split))
-        bar.update()
+        tick()
     return records
 
 

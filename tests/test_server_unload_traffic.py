@@ -1,0 +1,114 @@
+"""Unload and reload under traffic: clients index, search and embed a task while another
+deletes it (with and without its vectors) and loads it back. Every answer is a 2xx, a 404
+(the task is not loaded) or a 409 (its version is not loaded or not indexed), never a 5xx.
+
+In-process app with concurrent clients on its ASGI transport, for a bounded few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from tests.server_helpers import create_app, export_artifacts, run, settings
+
+TASK = "t"
+SECONDS = 3.0  # per variant: long enough for dozens of unloads to cross requests in flight
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_runs, tmp_path_factory):
+    inbox = tmp_path_factory.mktemp("inbox")
+    files = export_artifacts(tiny_runs, inbox)
+    return inbox, str(files["lpi"][0].relative_to(inbox))
+
+
+async def _hammer(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    body: dict,
+    until: float,
+    answers: Counter,
+    errors: list,
+) -> None:
+    while time.monotonic() < until:
+        response = await client.request(method, url, json=body)
+        answers[(url, response.status_code)] += 1
+        if response.status_code >= 500 or response.status_code not in (200, 404, 409):
+            errors.append((url, response.status_code, response.text[:300]))
+        elif response.status_code >= 400:
+            assert response.json()["error"]["field"], response.text
+        await asyncio.sleep(0)
+
+
+async def _churn(client, path: str, delete_vectors: bool, until: float, answers, errors):
+    query = {"delete_vectors": "true"} if delete_vectors else {}
+    while time.monotonic() < until:
+        for response in (
+            await client.delete(f"/tasks/{TASK}", params=query),
+            await client.put(f"/tasks/{TASK}", json={"path": path}),
+        ):
+            answers[("admin", response.status_code)] += 1
+            if response.status_code not in (200, 404):
+                errors.append(("admin", response.status_code, response.text[:300]))
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("delete_vectors", [False, True])
+def test_unloading_under_traffic_answers_no_5xx(tiny_runs, artifacts, tmp_path, delete_vectors):
+    inbox, path = artifacts
+    app = create_app(settings(tiny_runs, tmp_path / "d", inbox, max_wait_ms=1.0))
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://app", timeout=60
+            ) as client:
+                assert (await client.put(f"/tasks/{TASK}", json={"path": path})).status_code == 200
+                answers, errors = Counter(), []
+                until = time.monotonic() + SECONDS
+                item = {"id": "a", "text": "a photo", "payload": {"n": 1}}
+                await asyncio.gather(
+                    _hammer(
+                        client,
+                        "POST",
+                        "/index",
+                        {"task": TASK, "items": [item]},
+                        until,
+                        answers,
+                        errors,
+                    ),
+                    _hammer(
+                        client,
+                        "POST",
+                        "/search",
+                        {"task": TASK, "query": {"text": "a"}},
+                        until,
+                        answers,
+                        errors,
+                    ),
+                    _hammer(
+                        client,
+                        "POST",
+                        "/embed",
+                        {"task": TASK, "texts": ["a"]},
+                        until,
+                        answers,
+                        errors,
+                    ),
+                    _churn(client, path, delete_vectors, until, answers, errors),
+                )
+                return answers, errors
+
+    answers, errors = run(scenario())
+    assert not errors, (errors[:5], answers)
+    churned = answers[("admin", 200)]
+    assert churned >= 4, answers  # the unloads really crossed the traffic
+    for url in ("/index", "/search", "/embed"):
+        assert answers[(url, 200)] > 0, answers
