@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queries", type=int, default=200, help="timed searches per row")
     parser.add_argument("--filtered-queries", type=int, default=100, help="timed filtered ones")
     parser.add_argument(
-        "--ef", type=int, nargs="+", default=[128, 256, 512], help="edge-tuned search ef values"
+        "--ef", type=int, nargs="+", default=[128, 512, 1024], help="edge-tuned search ef values"
     )
     parser.add_argument("--threads", type=int, default=1, help="edge search threads")
     parser.add_argument("--index-threads", type=int, default=1, help="edge HNSW build threads")
@@ -261,17 +261,26 @@ def run(backend: str, n: int, args: argparse.Namespace, root: Path) -> list[dict
             pairs = zip(found, exact, strict=True)
             recall = np.mean([len(set(f) & set(e)) / TOP_K for f, e in pairs])
             rss, anon = (now - then for now, then in zip(rss_mb(), before, strict=True))
-            rows.append({
-                "backend": backend, "search": name, "points": n, "upsert_pts_per_s": upserts,
-                "upsert_cpu_pts_per_s": upserts_cpu, "build_s": build_s,
-                "build_cpu_s": build_cpu_s, "search_p50_ms": statistics.median(plain),
-                "search_p99_ms": float(np.percentile(plain, 99)),
-                "search_cpu_p50_ms": statistics.median(plain_cpu),
-                "search_cpu_p99_ms": float(np.percentile(plain_cpu, 99)),
-                "filtered_p50_ms": statistics.median(filtered),
-                "filtered_p99_ms": float(np.percentile(filtered, 99)),
-                "recall_at_10": float(recall), "rss_mb": rss, "rss_anon_mb": anon,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "backend": backend,
+                    "search": name,
+                    "points": n,
+                    "upsert_pts_per_s": upserts,
+                    "upsert_cpu_pts_per_s": upserts_cpu,
+                    "build_s": build_s,
+                    "build_cpu_s": build_cpu_s,
+                    "search_p50_ms": statistics.median(plain),
+                    "search_p99_ms": float(np.percentile(plain, 99)),
+                    "search_cpu_p50_ms": statistics.median(plain_cpu),
+                    "search_cpu_p99_ms": float(np.percentile(plain_cpu, 99)),
+                    "filtered_p50_ms": statistics.median(filtered),
+                    "filtered_p99_ms": float(np.percentile(filtered, 99)),
+                    "recall_at_10": float(recall),
+                    "rss_mb": rss,
+                    "rss_anon_mb": anon,
+                }
+            )
             log.info("%s", rows[-1])
     finally:
         store.close()

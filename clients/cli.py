@@ -31,7 +31,15 @@ from pydantic import ValidationError
 
 from clients.base import DEFAULT_CHUNK, DEFAULT_TIMEOUT, DEFAULT_URL
 from clients.calls import merge_embeddings
-from clients.cli_inputs import LazyItems, folder_items, jsonl_items, parse_filter, parse_vector
+from clients.cli_inputs import (
+    JsonlItems,
+    LazyItems,
+    MappedItems,
+    folder_items,
+    jsonl_items,
+    parse_filter,
+    parse_vector,
+)
 from clients.errors import LpiError
 from clients.output import FORMATS, Result, default_format, dump, emit, error_line
 from clients.sync import Client
@@ -267,11 +275,10 @@ def _index(client: Client, args: argparse.Namespace) -> tuple[Result, int]:
     return Result(data, text, ids), 0
 
 
-def _thumbnailed(items: LazyItems, wanted: bool) -> LazyItems:
-    if not wanted:
-        return items
-    items.make = (lambda make: lambda source: _with_thumbnail(make(source)))(items.make)
-    return items
+def _thumbnailed(
+    items: LazyItems | JsonlItems, wanted: bool
+) -> LazyItems | JsonlItems | MappedItems:
+    return MappedItems(items, _with_thumbnail) if wanted else items
 
 
 def _with_thumbnail(item: schema.IndexItem) -> schema.IndexItem:

@@ -1,7 +1,7 @@
 """What the `lpi` command line reads: folders of images, JSONL item files, vectors, filters.
 
-Items are made lazily, one chunk at a time as it is sent, so a large folder is never held in
-memory; every JSONL line is checked before anything is sent.
+Items are made lazily, one chunk at a time as it is sent, so a large folder or JSONL file is
+never held in memory; every JSONL line is checked before anything is sent.
 """
 
 from __future__ import annotations
@@ -34,6 +34,21 @@ class LazyItems:
         return map(self.make, self._sources)
 
 
+class MappedItems:
+    """`fn` applied to each of `items` as it is sent, keeping their size (the progress bar's)."""
+
+    def __init__(
+        self, items: LazyItems | JsonlItems, fn: Callable[[schema.IndexItem], schema.IndexItem]
+    ) -> None:
+        self._items, self._fn = items, fn
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[schema.IndexItem]:
+        return map(self._fn, self._items)
+
+
 def folder_items(folder: Path) -> LazyItems:
     """Every image under `folder`; id and payload["path"]: the path relative to it."""
     paths = sorted(
@@ -49,35 +64,55 @@ def folder_items(folder: Path) -> LazyItems:
     return LazyItems(paths, make)
 
 
-def jsonl_items(path: Path) -> LazyItems:
-    """Lines of {"id"?, "text" | "image" (a path, relative to the file), "payload"?}; every
-    line is checked before anything is sent, images are read when their chunk is."""
-    rows: list[schema.IndexItem | dict[str, Any]] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-            if isinstance(row, dict) and isinstance(row.get("image"), str):
-                image = path.parent / row["image"]
-                if not image.is_file():
-                    raise ValueError(f"image: no file {image}")
-                schema.IndexItem.model_validate(row | {"image": "checked-later"})
-                rows.append(row | {"image": image})
-            else:
-                rows.append(schema.IndexItem.model_validate(row))
-        except (ValueError, ValidationError) as err:  # JSONDecodeError is a ValueError
-            raise ValueError(f"{where}: {err}") from None
-    if not rows:
+class JsonlItems:
+    """A JSONL file's items, streamed: `__iter__` reads the file again line by line, so neither
+    the lines nor their vectors are ever all in memory (a file larger than memory indexes)."""
+
+    def __init__(self, path: Path, count: int) -> None:
+        self.path, self._count = path, count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[schema.IndexItem]:
+        for number, line in _lines(self.path):
+            yield _jsonl_item(self.path, number, line)
+
+
+def jsonl_items(path: Path) -> JsonlItems:
+    """Lines of {"id"?, "text" | "image" (a path, relative to the file), "vector"?, "payload"?};
+    every line is checked before anything is sent (a bad line 1,000,000 never leaves half an
+    index), images are read when their chunk is."""
+    count = 0
+    for number, line in _lines(path):
+        _jsonl_item(path, number, line, check_only=True)
+        count += 1
+    if not count:
         raise ValueError(f"{path}: no items")
+    return JsonlItems(path, count)
 
-    def make(row: schema.IndexItem | dict[str, Any]) -> schema.IndexItem:
-        if isinstance(row, schema.IndexItem):
-            return row
-        return image_item(row["image"], id=row.get("id"), payload=row.get("payload"))
 
-    return LazyItems(rows, make)
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                yield number, line
+
+
+def _jsonl_item(path: Path, number: int, line: str, check_only: bool = False) -> schema.IndexItem:
+    try:
+        row = json.loads(line)
+        if isinstance(row, dict) and isinstance(row.get("image"), str):
+            image = path.parent / row["image"]
+            if not image.is_file():
+                raise ValueError(f"image: no file {image}")
+            checked = schema.IndexItem.model_validate(row | {"image": "checked-later"})
+            if check_only:
+                return checked
+            return image_item(image, id=row.get("id"), payload=row.get("payload"))
+        return schema.IndexItem.model_validate(row)
+    except (ValueError, ValidationError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}:{number}: {err}") from None
 
 
 def point_id(relative: str) -> str:

@@ -56,15 +56,15 @@ def served_variants(
     archs: Sequence[int] = (80, 90), dtypes: Sequence[str] = ("fp16", "bf16", "fp32")
 ) -> list[Variant]:
     """Every (arch, dtype, tower, tile config) the autotuner may pick when serving ViT-B/16."""
-    from kernels import triton_prefix_attention as fused
+    from kernels import tiles
 
     variants = []
     for arch in archs:
         for dtype in dtypes:
             precisions = ("ieee", "tf32x3") if dtype == "fp32" else ("ieee",)
             for tower, (tokens, _) in TOWERS.items():
-                configs = fused.tile_configs()
-                for config in fused.candidate_tiles(configs, tokens, DTYPES[dtype], arch):
+                configs = tiles.tile_configs()
+                for config in tiles.candidate_tiles(configs, tokens, DTYPES[dtype], arch):
                     for precision in precisions:
                         variants.append(
                             Variant(

@@ -35,7 +35,7 @@ from server.exceptions import (
 )
 from server.inputs import Limits, check_count, decode_base64, image_rows, text_rows
 from server.registry import TaskNotLoadedError, TaskRegistry
-from server.store import ConflictError as StoreConflictError
+from server.resume import index_missing
 from server.store import StoreError, VectorStore
 from server.store.bulk import check_given_vectors, check_given_version, filter_warnings
 from server.store.tuning import SearchOptions
@@ -123,7 +123,7 @@ class Service:
             check_count(modelled, 0, self.limits, field="items")
         given = check_given_vectors(request, self.engine.embed_dim)
         if request.skip_existing:
-            return await self._index_missing(request)
+            return await index_missing(self, request)
         texts = [(i, item.text) for i, item in enumerate(items) if item.text is not None]
         blobs = [
             (i, decode_base64(item.image, f"items[{i}].image"))
@@ -157,32 +157,8 @@ class Service:
         return {"task": task, "prompt_version": version, "ids": stored, "serving": serving}
 
     def _upsert(self, task: str, version: str, ids: list, vectors: list, payloads: list) -> list:
-        ensure_declared = getattr(self.store, "ensure_declared", None)
-        if ensure_declared is not None:
-            ensure_declared(task, version)  # the payload indexes the settings declare
+        getattr(self.store, "ensure_declared", lambda *key: None)(task, version)  # settings'
         return self.store.upsert(task, version, ids, vectors, payloads)
-
-    async def _index_missing(self, request: schema.IndexRequest) -> dict:
-        """skip_existing: index only the items whose id this version does not hold yet."""
-        if any(item.id is None for item in request.items):
-            raise InvalidRequestError("skip_existing needs every item's id", "skip_existing")
-        with self.registry.pin(request.task) as (task, version):
-            ids = [item.id for item in request.items]
-            with request_fields():
-                stored = await run_in_threadpool(self.store.existing_ids, task, version, ids)
-            keep = [item for item in request.items if item.id not in stored]
-            serving = self.registry.serving_version(task) == version
-            answer = {"task": task, "prompt_version": version, "ids": [], "serving": serving}
-            if keep:
-                rest = request.model_copy(update={"items": keep, "skip_existing": False})
-                answer = await self.index(rest)
-        if answer["prompt_version"] != version:  # a newer version was loaded meanwhile
-            raise StoreConflictError(
-                f"skip_existing: task {task!r} changed prompt version during the request "
-                "(ids were checked against the old one): run it again",
-                "skip_existing",
-            )
-        return answer | {"skipped": [id for id in ids if id in stored]}
 
     async def _with_thumbnails(self, request: schema.IndexRequest, blobs: dict) -> list[dict]:
         """Each item's payload, with a thumbnail data URI where one is asked for."""
@@ -249,17 +225,15 @@ class Service:
                     )
                 )
         index_version = hits[0].version if hits else index_version
-        warnings = []
-        if request.filter:
-            warnings = await run_in_threadpool(
-                filter_warnings, self.store, task, index_version, request.filter
-            )
+        warnings = request.filter and await run_in_threadpool(
+            filter_warnings, self.store, task, index_version, request.filter
+        )  # a filter on a field with no payload index, past the store's threshold
         return {
             "task": task,
             "prompt_version": version,
             "index_version": index_version,
             "hits": [{"id": h.id, "score": h.score, "payload": h.payload} for h in hits],
-            "warnings": warnings,
+            "warnings": warnings or [],
         }
 
     # -- stored points ----------------------------------------------------------------------------

@@ -110,7 +110,7 @@ class Settings(BaseSettings):
         256, ge=4, le=4096, description="HNSW build candidate list of new collections."
     )
     hnsw_ef: int = Field(
-        256, ge=1, le=4096, description="HNSW search candidate list (a search's hnsw_ef wins)."
+        1024, ge=1, le=4096, description="HNSW search candidate list (a search's hnsw_ef wins)."
     )
     exact_below: int = Field(
         20_000,

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import dispatch, reference
+from kernels import dispatch, reference, tiles
 from tests.kernel_cases import CASES, Case, make_inputs, requires_triton
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,14 +156,14 @@ def _launch(fused, tokens: int, padding: bool):
 def test_tuning_keys_separate_t_buckets_key_masks_and_gpus(fused):
     def key(tokens, padding=False, arch=90):
         q, args, meta = _launch(fused, tokens, padding)
-        return fused.tuning_key(arch, tokens, args[-2], args[-5], args[-4], meta, q.dtype)
+        return tiles.tuning_key(arch, tokens, args[-2], args[-5], args[-4], meta, q.dtype)
 
     assert key(50) == key(60) != key(150)  # buckets 64 and 256
     assert key(50) != key(50, padding=True)
     assert key(50, arch=80) != key(50, arch=90)
-    configs = fused.tile_configs()  # within a bucket the candidates are the same: one tuning
+    configs = tiles.tile_configs()  # within a bucket the candidates are the same: one tuning
     for dtype in (torch.float16, torch.float32):
-        assert fused.candidate_tiles(configs, 50, dtype, 90) == fused.candidate_tiles(
+        assert tiles.candidate_tiles(configs, 50, dtype, 90) == tiles.candidate_tiles(
             configs, 64, dtype, 90
         )
     assert fused._tuner(90, 64) is fused._tuner(90, 64)

@@ -109,16 +109,24 @@ def test_nesting_is_bounded(store):
     assert store.count("coco", "v1") == 1
 
 
-@pytest.mark.parametrize("store", [kind_param(k) for k in KINDS if KINDS[k][0] == "qdrant"],
-                         indirect=True)  # fmt: skip
+@pytest.mark.parametrize(
+    "store", [kind_param(k) for k in KINDS if KINDS[k][0] == "qdrant"], indirect=True
+)
 def test_a_stored_value_json_cannot_carry_comes_back_escaped(store):
     """Points written before the payload rules (local mode stored lone surrogates and NaN; Qdrant
     Edge never could): a search escapes them instead of failing to answer."""
     store.ensure_task("coco", D, "v1")
     entry = store._entry("coco", "v1")
     vector = unit(np.random.default_rng(13), 1)
-    old = {"s": "a\udfffb", "\udc80": 1, "nan": float("nan"), "list": [float("inf"), "\ud800"],
-           "task": "coco", "prompt_version": "v1", "id": "p\udfff"}  # fmt: skip
+    old = {
+        "s": "a\udfffb",
+        "\udc80": 1,
+        "nan": float("nan"),
+        "list": [float("inf"), "\ud800"],
+        "task": "coco",
+        "prompt_version": "v1",
+        "id": "p\udfff",
+    }
     store._backend.upsert(
         entry["collection"], [str(uuid.uuid4())], vector.astype(np.float32), [old]
     )
@@ -188,5 +196,6 @@ def test_edge_and_local_mode_answer_odd_requests_alike(tmp_path):
     with EdgeStore(tmp_path / "edge", search_threads=1, index_threads=1) as edge:
         assert_same_json(answers(edge), expected)
     assert [answer[0] for answer in expected[:2]] == ["refused", "refused"]
-    assert expected[4][0][:2] == ("c", 1.0) and expected[6] == [("c", expected[6][0][1], {
-        "n": 2**63 - 1, "f": 2.0**70, "a.b": "dot"})]  # fmt: skip
+    assert expected[4][0][:2] == ("c", 1.0) and expected[6] == [
+        ("c", expected[6][0][1], {"n": 2**63 - 1, "f": 2.0**70, "a.b": "dot"})
+    ]

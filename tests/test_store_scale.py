@@ -62,10 +62,18 @@ def fill(store, n: int, seed: int = 0, task: str = "t", version: str = "v1") -> 
 
 @pytest.mark.parametrize(
     ("setting", "value"),
-    [("m", 2), ("m", 1000), ("ef_construct", 0), ("hnsw_ef", 5000), ("exact_below", -1),
-     ("quantization", "int4"), ("oversampling", 0.5), ("shard_number", 0),
-     ("replication_factor", True)],
-)  # fmt: skip
+    [
+        ("m", 2),
+        ("m", 1000),
+        ("ef_construct", 0),
+        ("hnsw_ef", 5000),
+        ("exact_below", -1),
+        ("quantization", "int4"),
+        ("oversampling", 0.5),
+        ("shard_number", 0),
+        ("replication_factor", True),
+    ],
+)
 def test_index_settings_out_of_range_name_the_setting(setting, value):
     with pytest.raises(InvalidInputError) as caught:
         IndexSettings(**{setting: value})
@@ -84,8 +92,9 @@ def test_search_options_out_of_range_name_the_setting(setting, value):
 
 @pytest.mark.parametrize("quantization", ["int8", "none"])
 def test_hnsw_and_exact_search_against_numpy(tmp_path, quantization):
-    index = IndexSettings(m=16, ef_construct=64, hnsw_ef=64, exact_below=0,
-                          quantization=quantization)  # fmt: skip
+    index = IndexSettings(
+        m=16, ef_construct=64, hnsw_ef=64, exact_below=0, quantization=quantization
+    )
     with EdgeStore(tmp_path, index=index, search_threads=1, index_threads=1) as store:
         points = fill(store, 3000, seed=1)
         store.optimize()
@@ -125,8 +134,15 @@ def test_small_collections_are_searched_exactly(tmp_path):
 
 def open_building(path: Path, **extra) -> EdgeStore:
     index = IndexSettings(m=16, ef_construct=64, hnsw_ef=64, exact_below=500)
-    return EdgeStore(path, index=index, background_builds=True, auto_build=False,
-                     search_threads=1, index_threads=1, **extra)  # fmt: skip
+    return EdgeStore(
+        path,
+        index=index,
+        background_builds=True,
+        auto_build=False,
+        search_threads=1,
+        index_threads=1,
+        **extra,
+    )
 
 
 def test_a_background_build_keeps_writes_and_answers_searches(tmp_path):
@@ -197,8 +213,11 @@ def group_alive(group: int) -> bool:
 def test_a_sigkill_during_a_build_loses_nothing_and_the_build_restarts(tmp_path):
     child = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(KILLED), str(tmp_path)],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert child.stdout.readline().strip() == "acked"
         os.kill(child.pid, signal.SIGKILL)  # the server, mid-build: its builder dies with it
@@ -305,8 +324,15 @@ def test_a_server_gets_the_same_settings_with_shards_and_replicas():
 
     from server.store.qdrant import collection_config, search_params
 
-    index = IndexSettings(m=24, ef_construct=200, hnsw_ef=300, exact_below=1000,
-                          on_disk=True, shard_number=6, replication_factor=2)  # fmt: skip
+    index = IndexSettings(
+        m=24,
+        ef_construct=200,
+        hnsw_ef=300,
+        exact_below=1000,
+        on_disk=True,
+        shard_number=6,
+        replication_factor=2,
+    )
     config = collection_config(index, 512, tenant=False)
     assert config["shard_number"] == 6 and config["replication_factor"] == 2
     assert config["vectors_config"].on_disk is True and config["vectors_config"].size == 512

@@ -49,8 +49,10 @@ def unit_rows(n: int, dim: int, seed: int) -> np.ndarray:
 
 
 async def index_vectors(client, version: str, rows: np.ndarray, start: int = 0, **extra):
-    items = [{"id": str(start + i), "vector": row.tolist(), "payload": {"g": (start + i) % 3}}
-             for i, row in enumerate(rows)]  # fmt: skip
+    items = [
+        {"id": str(start + i), "vector": row.tolist(), "payload": {"g": (start + i) % 3}}
+        for i, row in enumerate(rows)
+    ]
     body = {"task": "t", "prompt_version": version, "items": items, **extra}
     return await client.post("/index", json=body)
 
@@ -76,14 +78,20 @@ def test_precomputed_vectors_are_indexed_and_checked(edge_app):
             hit = (await client.post("/search", json=query)).json()["hits"][0]
             assert hit["id"] == "7" and abs(hit["score"] - 1) < 1e-5  # not overwritten
             refusals = [
-                (await client.post("/index", json={"task": "t", "items": [
-                    {"id": "a", "vector": rows[0].tolist()}]}), 422, "prompt_version"),
+                (
+                    await client.post(
+                        "/index",
+                        json={"task": "t", "items": [{"id": "a", "vector": rows[0].tolist()}]},
+                    ),
+                    422,
+                    "prompt_version",
+                ),
                 (await index_vectors(client, "0" * 16, rows[:1]), 409, "prompt_version"),
                 (await index_vectors(client, version, rows[:1, :-1]), 422, "items[0].vector"),
                 (await index_vectors(client, version, 0 * rows[:1]), 422, "items[0].vector"),
                 (await client.post("/search", json=query | {"hnsw_ef": 0}), 422, "hnsw_ef"),
                 (await client.post("/search", json=query | {"exact": "maybe"}), 422, "exact"),
-            ]  # fmt: skip
+            ]
             for answer, status, field in refusals:
                 assert answer.status_code == status, answer.text
                 assert answer.json()["error"]["field"] == field, answer.text
@@ -131,8 +139,9 @@ def test_the_server_answers_while_an_index_builds(edge_app, record_property):
             name = store.build("t", version)
             healthz, during, phases = [], [], set()
             while (phase := {s["collection"]: s for s in store.builds()}[name]["phase"]) not in (
-                "done", "failed"
-            ):  # fmt: skip
+                "done",
+                "failed",
+            ):
                 phases.add(phase)
                 healthz.append(await timed(client, "GET", "/healthz"))
                 during.append(await timed(client, "POST", "/search", json=search))
@@ -140,8 +149,11 @@ def test_the_server_answers_while_an_index_builds(edge_app, record_property):
                 assert f'lpi_store_build_phase{{collection="{name}",phase="{phase}"}}' in metrics
             assert phase == "done" and "indexing" in phases
             assert len(healthz) >= 10, len(healthz)  # the build lasted long enough to measure
-            for label, values in (("healthz", healthz), ("search_before", before),
-                                  ("search_during", during)):  # fmt: skip
+            for label, values in (
+                ("healthz", healthz),
+                ("search_before", before),
+                ("search_during", during),
+            ):
                 record_property(f"{label}_p99_ms", round(1e3 * np.percentile(values, 99), 1))
             record_property("samples_during_build", len(healthz))
             assert np.percentile(healthz, 99) < HEALTHZ_P99_S, sorted(healthz)[-3:]
@@ -179,12 +191,26 @@ def test_the_cli_indexes_a_jsonl_of_vectors_and_resumes(edge_app, tmp_path, caps
             embedded = json.loads(capsys.readouterr().out)
             version, dim = embedded["prompt_version"], len(embedded["text_embeddings"][0])
             rows = unit_rows(50, dim, seed=5)
-            lines = [json.dumps({"id": f"p{i}", "vector": row.tolist(), "payload": {"n": i}})
-                     for i, row in enumerate(rows)]  # fmt: skip
+            lines = [
+                json.dumps({"id": f"p{i}", "vector": row.tolist(), "payload": {"n": i}})
+                for i, row in enumerate(rows)
+            ]
             items = tmp_path / "items.jsonl"
             items.write_text("\n".join(lines[:20]) + "\n")
-            argv = ["-o", "json", "index", "--task", "t", str(items), "--no-progress",
-                    "--prompt-version", version, "--resume", "--chunk-size", "16"]  # fmt: skip
+            argv = [
+                "-o",
+                "json",
+                "index",
+                "--task",
+                "t",
+                str(items),
+                "--no-progress",
+                "--prompt-version",
+                version,
+                "--resume",
+                "--chunk-size",
+                "16",
+            ]
             assert lpi(argv) == 0
             assert json.loads(capsys.readouterr().out)["count"] == 20
             items.write_text("\n".join(lines) + "\n")  # the whole file, run again

@@ -89,8 +89,11 @@ def test_a_lone_surrogate_is_refused_at_the_door_and_search_still_answers(client
 def test_integers_keep_their_type_and_filters_stay_within_int64(client):
     payload = {"max": 2**63 - 1, "min": -(2**63), "f": 2.0**70, "s": "9223372036854775808"}
     assert index(client, [{"id": "p1", "text": "a red circle", "payload": payload}]).is_success
-    for value, field in [(2**63, "items[0].payload.k"), (2**70, "items[0].payload.k"),
-                         (-(2**63) - 1, "items[0].payload.k")]:  # fmt: skip
+    for value, field in [
+        (2**63, "items[0].payload.k"),
+        (2**70, "items[0].payload.k"),
+        (-(2**63) - 1, "items[0].payload.k"),
+    ]:
         assert_refused(index(client, [{"text": "a", "payload": {"k": value}}]), field)
     assert_refused(search(client, filter={"big": 2**63}), "filter.big")
     assert_refused(search(client, filter={"big": -(2**63) - 1}), "filter.big")
@@ -144,8 +147,13 @@ def test_a_point_stored_before_the_rules_is_escaped_not_a_500(tiny_runs, inbox, 
         store = client.app.state.service.store
         entry = next(iter(store._backend.scroll(store._catalog, {"kind": "version"})))
         vector = np.ones((1, store._entry("t", entry["prompt_version"])["dim"]), np.float32)
-        legacy = {"k": "a\udfffb", "nan": float("nan"), "task": "t",
-                  "prompt_version": entry["prompt_version"], "id": "old\udfff"}  # fmt: skip
+        legacy = {
+            "k": "a\udfffb",
+            "nan": float("nan"),
+            "task": "t",
+            "prompt_version": entry["prompt_version"],
+            "id": "old\udfff",
+        }
         store._backend.upsert(entry["collection"], [str(uuid.uuid4())], vector, [legacy])
         first = search(client, top_k=5)
     with open_app(tiny_runs, inbox, data, "local") as client:

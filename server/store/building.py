@@ -147,8 +147,10 @@ class EdgeBuilder:
             for name, points, unindexed in self.backend.index_gaps():
                 grown = unindexed - self._left.get(name, 0)
                 if grown > self.threshold(points) and name not in self._status_running():
-                    log.info("queueing an index build", extra={"collection": name,
-                             "points": points, "unindexed": unindexed})  # fmt: skip
+                    log.info(
+                        "queueing an index build",
+                        extra={"collection": name, "points": points, "unindexed": unindexed},
+                    )
                     self.request(name)
         except Exception:  # a store closing under the poll: the next poll retries
             log.debug("index gap poll failed", exc_info=True)
@@ -173,8 +175,10 @@ class EdgeBuilder:
         except Exception as error:  # any failure leaves the old shard serving
             self.backend.end_build(name)
             shutil.rmtree(self.backend.build_dir(name), ignore_errors=True)
-            log.error("index build failed; the previous index keeps serving",
-                      extra={"collection": name, "error": str(error)})  # fmt: skip
+            log.error(
+                "index build failed; the previous index keeps serving",
+                extra={"collection": name, "error": str(error)},
+            )
             self._set(status, "failed", error=str(error))
             self._left[name] = status.points  # retried on request, or once it grows again
 

@@ -85,8 +85,10 @@ def filter_warnings(store, task: str, version: str, filter: Mapping[str, Any]) -
         return []  # the search itself answered; its errors are its own
     out = []
     for field, kind in missing.items():
-        log.warning("filter on a field with no payload index",
-                    extra={"task": task, "field": field, "index": kind})  # fmt: skip
+        log.warning(
+            "filter on a field with no payload index",
+            extra={"task": task, "field": field, "index": kind},
+        )
         out.append(
             f"filter.{field}: no payload index on {field!r}, so this search scanned every "
             f"point; a {kind} index is being built"

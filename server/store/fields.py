@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ log = logging.getLogger("lpi.store")
 
 FieldKind = Literal["keyword", "integer", "bool"]
 FIELD_KINDS: tuple[FieldKind, ...] = ("keyword", "integer", "bool")
+COUNT_TTL_S = 10.0
 
 
 def kind_of(value: str | int | bool) -> FieldKind:
@@ -85,6 +87,16 @@ class PayloadIndexes:
         found = self._backend.indexed_fields(entry["collection"])  # type: ignore[attr-defined]
         return {stored_field(name) for name in found}
 
+    def _points(self, collection: str) -> int:
+        """A collection's size, counted at most every COUNT_TTL_S seconds (local mode counts
+        point by point: not on every filtered search)."""
+        counts = self.__dict__.setdefault("_counts", {})  # collection -> (when, points)
+        when, points = counts.get(collection, (-COUNT_TTL_S, 0))
+        if time.monotonic() - when >= COUNT_TTL_S:
+            points = self._backend.count(collection, {})  # type: ignore[attr-defined]
+            counts[collection] = (time.monotonic(), points)
+        return points
+
     def unindexed_filter(
         self, task: str, version: str, filter: Mapping[str, Any] | None
     ) -> dict[str, FieldKind]:
@@ -104,7 +116,6 @@ class PayloadIndexes:
         missing = set(wanted) - indexed
         if not missing:
             return {}
-        points = self._backend.count(entry["collection"], {})  # type: ignore[attr-defined]
-        if points <= self.warn_unindexed_above:
+        if self._points(entry["collection"]) <= self.warn_unindexed_above:
             return {}
         return {key: kind_of(wanted[key]) for key in sorted(missing)}

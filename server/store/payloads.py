@@ -103,8 +103,10 @@ def check_filter(filter: Mapping[str, Any] | None) -> dict[str, str | int | bool
         if key in RESERVED_KEYS:
             raise InvalidInputError(f"filter[{key!r}]: reserved; the store sets it", "filter")
         if any(c in key for c in rules.UNQUOTABLE) or rules.utf8_error(key):
-            raise InvalidInputError(f"filter[{key!r}]: no payload key holds a quote, a "
-                                    "backslash or a lone surrogate", "filter")  # fmt: skip
+            raise InvalidInputError(
+                f"filter[{key!r}]: no payload key holds a quote, a backslash or a lone surrogate",
+                "filter",
+            )
         if not isinstance(value, str | int | bool):
             raise InvalidInputError(
                 f"filter[{key!r}]: {value!r} is not a str, int or bool (exact match only)", "filter"

@@ -263,8 +263,11 @@ def open_client(
     timeout: int | None,
     prefer_grpc: bool,
 ) -> QdrantClient:
-    given = [name for name, value in (("path", path), ("location", location), ("url", url))
-             if value is not None]  # fmt: skip
+    given = [
+        name
+        for name, value in (("path", path), ("location", location), ("url", url))
+        if value is not None
+    ]
     if len(given) != 1:
         raise InvalidInputError(f"give exactly one of path, location, url (got {given or 'none'})")
     if location is not None and location != ":memory:":
