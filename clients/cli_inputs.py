@@ -82,7 +82,8 @@ class JsonlItems:
 def jsonl_items(path: Path) -> JsonlItems:
     """Lines of {"id"?, "text" | "image" (a path, relative to the file), "vector"?, "payload"?};
     every line is checked before anything is sent (a bad line 1,000,000 never leaves half an
-    index), images are read when their chunk is."""
+    index), images (inside the file's folder) are read when their chunk is. A row without an id
+    gets `FILE:LINE`, the same on every run, so `--resume` skips what an earlier run stored."""
     count = 0
     for number, line in _lines(path):
         _jsonl_item(path, number, line, check_only=True)
@@ -102,14 +103,19 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 def _jsonl_item(path: Path, number: int, line: str, check_only: bool = False) -> schema.IndexItem:
     try:
         row = json.loads(line)
+        if isinstance(row, dict) and "id" not in row:  # the same id on every run: resumable
+            row["id"] = point_id(f"{path.name}:{number}")
         if isinstance(row, dict) and isinstance(row.get("image"), str):
-            image = path.parent / row["image"]
+            image = (path.parent / row["image"]).resolve()
+            if not image.is_relative_to(path.parent.resolve()):
+                raise ValueError(f"image: {row['image']!r} is outside the file's folder")
             if not image.is_file():
                 raise ValueError(f"image: no file {image}")
             checked = schema.IndexItem.model_validate(row | {"image": "checked-later"})
             if check_only:
                 return checked
-            return image_item(image, id=row.get("id"), payload=row.get("payload"))
+            item = image_item(image, id=row["id"], payload=row.get("payload"))
+            return item.model_copy(update={"thumbnail": checked.thumbnail})
         return schema.IndexItem.model_validate(row)
     except (ValueError, ValidationError) as err:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path}:{number}: {err}") from None

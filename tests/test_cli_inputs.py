@@ -48,3 +48,21 @@ def test_mapped_items_keep_their_size_and_apply_as_sent(tmp_path):
     _write(source, [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}])
     mapped = MappedItems(jsonl_items(source), lambda item: item.model_copy(update={"id": "z"}))
     assert len(mapped) == 2 and [item.id for item in mapped] == ["z", "z"]
+
+
+def test_rows_without_an_id_get_the_same_id_on_every_run(tmp_path):
+    """`lpi index --resume` skips what a run stored: an id-less row must not get a fresh uuid."""
+    source = tmp_path / "items.jsonl"
+    _write(source, [{"text": "a"}, {"text": "b"}])
+    first = [item.id for item in jsonl_items(source)]
+    assert first == ["items.jsonl:1", "items.jsonl:2"]
+    assert [item.id for item in jsonl_items(source)] == first
+
+
+def test_an_image_outside_the_files_folder_is_refused(tmp_path):
+    (tmp_path / "inner").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
+    source = tmp_path / "inner" / "items.jsonl"
+    _write(source, [{"id": "x", "image": "../secret.png"}])
+    with pytest.raises(ValueError, match="outside the file's folder"):
+        jsonl_items(source)

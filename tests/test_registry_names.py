@@ -100,3 +100,22 @@ def test_a_well_formed_demo_manifest_loads(tmp_path):
 def test_a_demo_manifest_that_escapes_its_folder_is_rebuilt_not_trusted(tmp_path, changes):
     _manifest(tmp_path, {"r": 1}, **changes)
     assert demo._load(tmp_path, {"r": 1}) is None
+
+
+def test_a_refused_multi_task_pin_gives_back_the_pins_it_took():
+    """`task="auto"` pins every routed task at once; when a later one is gone (unloaded while the
+    bare pass ran), the earlier ones' pins must go back, or their unload waits forever."""
+    from pathlib import Path as _Path
+
+    from server.registry.errors import TaskNotLoadedError
+    from server.registry.versions import LoadedVersion, VersionTable
+
+    table = VersionTable(drop=lambda key: None, changed=lambda: None)
+    loaded = LoadedVersion("v1", artifact=None, file=_Path("unused"), loaded_at=0.0)  # type: ignore[arg-type]
+    table.add_restored("a", loaded, active="v1", serving="v1")
+    with pytest.raises(TaskNotLoadedError), table.pin_many(["a", "gone"], "active"):
+        pass
+    assert table.tasks["a"].pins() == 0
+    with table.pin_many(["a"], "active") as keys:
+        assert keys == {"a": ("a", "v1")} and table.tasks["a"].pins() == 1
+    assert table.tasks["a"].pins() == 0

@@ -2,7 +2,9 @@
 deletes it (with and without its vectors) and loads it back. Every answer is a 2xx, a 404
 (the task is not loaded) or a 409 (its version is not loaded or not indexed), never a 5xx.
 
-In-process app with concurrent clients on its ASGI transport, for a bounded few seconds.
+In-process app with concurrent clients on its ASGI transport, until the churn has made
+`CYCLES` unload/reload cycles (bounded by `MAX_SECONDS`): counting cycles, not seconds, keeps
+the test meaningful on a loaded machine, where a few seconds may hold a single cycle.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import pytest
 from tests.server_helpers import create_app, export_artifacts, run, settings
 
 TASK = "t"
-SECONDS = 3.0  # per variant: long enough for dozens of unloads to cross requests in flight
+CYCLES = 4  # unload + reload cycles that must cross the traffic
+ROUTES = ("/index", "/search", "/embed")
+MAX_SECONDS = 60.0  # an upper bound only; an idle 2-core machine makes ~6 cycles a second
 
 
 @pytest.fixture(scope="module")
@@ -32,23 +36,28 @@ async def _hammer(
     method: str,
     url: str,
     body: dict,
-    until: float,
+    done: asyncio.Event,
     answers: Counter,
     errors: list,
 ) -> None:
-    while time.monotonic() < until:
+    while not done.is_set():
         response = await client.request(method, url, json=body)
         answers[(url, response.status_code)] += 1
         if response.status_code >= 500 or response.status_code not in (200, 404, 409):
             errors.append((url, response.status_code, response.text[:300]))
         elif response.status_code >= 400:
             assert response.json()["error"]["field"], response.text
-        await asyncio.sleep(0)
+        # A client pausing 1 ms between answers: a loop of instant 404s with no pause would
+        # take the whole event loop, which no set of real clients on sockets does.
+        await asyncio.sleep(0.001)
 
 
-async def _churn(client, path: str, delete_vectors: bool, until: float, answers, errors):
+async def _churn(client, path: str, delete_vectors: bool, done: asyncio.Event, answers, errors):
     query = {"delete_vectors": "true"} if delete_vectors else {}
-    while time.monotonic() < until:
+    until = time.monotonic() + MAX_SECONDS
+    cycles = 0
+    while cycles < CYCLES and time.monotonic() < until:
+        cycles += 1
         for response in (
             await client.delete(f"/tasks/{TASK}", params=query),
             await client.put(f"/tasks/{TASK}", json={"path": path}),
@@ -57,6 +66,10 @@ async def _churn(client, path: str, delete_vectors: bool, until: float, answers,
             if response.status_code not in (200, 404):
                 errors.append(("admin", response.status_code, response.text[:300]))
         await asyncio.sleep(0.01)
+    served_by = time.monotonic() + 15.0  # the reloaded task serves every route at least once
+    while time.monotonic() < served_by and any(answers[(u, 200)] == 0 for u in ROUTES):
+        await asyncio.sleep(0.05)
+    done.set()
 
 
 @pytest.mark.parametrize("delete_vectors", [False, True])
@@ -72,7 +85,7 @@ def test_unloading_under_traffic_answers_no_5xx(tiny_runs, artifacts, tmp_path, 
             ) as client:
                 assert (await client.put(f"/tasks/{TASK}", json={"path": path})).status_code == 200
                 answers, errors = Counter(), []
-                until = time.monotonic() + SECONDS
+                done = asyncio.Event()
                 item = {"id": "a", "text": "a photo", "payload": {"n": 1}}
                 await asyncio.gather(
                     _hammer(
@@ -80,7 +93,7 @@ def test_unloading_under_traffic_answers_no_5xx(tiny_runs, artifacts, tmp_path, 
                         "POST",
                         "/index",
                         {"task": TASK, "items": [item]},
-                        until,
+                        done,
                         answers,
                         errors,
                     ),
@@ -89,7 +102,7 @@ def test_unloading_under_traffic_answers_no_5xx(tiny_runs, artifacts, tmp_path, 
                         "POST",
                         "/search",
                         {"task": TASK, "query": {"text": "a"}},
-                        until,
+                        done,
                         answers,
                         errors,
                     ),
@@ -98,17 +111,17 @@ def test_unloading_under_traffic_answers_no_5xx(tiny_runs, artifacts, tmp_path, 
                         "POST",
                         "/embed",
                         {"task": TASK, "texts": ["a"]},
-                        until,
+                        done,
                         answers,
                         errors,
                     ),
-                    _churn(client, path, delete_vectors, until, answers, errors),
+                    _churn(client, path, delete_vectors, done, answers, errors),
                 )
                 return answers, errors
 
     answers, errors = run(scenario())
     assert not errors, (errors[:5], answers)
     churned = answers[("admin", 200)]
-    assert churned >= 4, answers  # the unloads really crossed the traffic
-    for url in ("/index", "/search", "/embed"):
+    assert churned >= 2 * CYCLES, answers  # every unload and reload crossed the traffic
+    for url in ROUTES:
         assert answers[(url, 200)] > 0, answers

@@ -98,7 +98,7 @@ def _keys(limit: int, what: str) -> BeforeValidator:
         for key in mapping:
             if not isinstance(key, str):
                 raise ValueError(f"the key {key!a} is not a string")
-            why = utf8_error(key)
+            why = utf8_error(key) if key else "is empty, which no filter could name"
             if why is None and len(key) > MAX_KEY_LENGTH:
                 why = f"has {len(key)} characters; the limit is {MAX_KEY_LENGTH}"
             if why is None and any(c in key for c in UNQUOTABLE):

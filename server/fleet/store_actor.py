@@ -35,6 +35,7 @@ METHODS = frozenset(
         "delete_points",
         "delete_version",
         "delete_task",
+        "existing_ids",
     }
 )
 RETRY_FOR_S = 60.0  # how long a call waits for a restarting store actor

@@ -95,18 +95,23 @@ class VersionTable:
         """Pin each task's active or serving version for the caller's lifetime; task -> key."""
         pinned: list[tuple[str, str]] = []
         with self.lock:
-            for task in dict.fromkeys(tasks):
-                state = self.require(task, for_pin=True)
-                version = state.active if purpose == "active" else state.serving
-                if version is None or version not in state.versions:
-                    raise VersionNotLoadedError(
-                        f"task {task!r}: the store serves prompt version {state.serving!r}, which "
-                        "is not loaded; load it, promote the loaded version, or search with "
-                        "accept_mismatch",
-                        field="task",
-                    )
-                state.versions[version].pins += 1
-                pinned.append((task, version))
+            try:
+                for task in dict.fromkeys(tasks):
+                    state = self.require(task, for_pin=True)
+                    version = state.active if purpose == "active" else state.serving
+                    if version is None or version not in state.versions:
+                        raise VersionNotLoadedError(
+                            f"task {task!r}: the store serves prompt version {state.serving!r}, "
+                            "which is not loaded; load it, promote the loaded version, or search "
+                            "with accept_mismatch",
+                            field="task",
+                        )
+                    state.versions[version].pins += 1
+                    pinned.append((task, version))
+            except BaseException:  # a later task refused: the earlier ones' pins go back
+                for task, version in pinned:
+                    self.unpin(task, version)
+                raise
         try:
             yield {task: (task, version) for task, version in pinned}
         finally:

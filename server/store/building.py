@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -197,19 +198,22 @@ class EdgeBuilder:
         command = [sys.executable, "-m", "server.store.build_worker", str(path)]
         command += [f"--parent={os.getpid()}"]
         command += [f"--field={f}:{kind}" for f, kind in fields]
-        self._child = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        try:
-            while self._child.poll() is None:
-                if self._stop.wait(1.0):
-                    raise BuildError("the server is closing")
-                self._set(status, "indexing")
-            out, err = self._child.communicate()
-        finally:
-            if self._child.poll() is None:
-                self._child.kill()
-                self._child.wait()
+        # Output goes to files, not pipes: a child that writes more than a pipe holds while
+        # nobody reads it (the loop below only polls) would block, and the build with it.
+        with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+            self._child = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
+            try:
+                while self._child.poll() is None:
+                    if self._stop.wait(1.0):
+                        raise BuildError("the server is closing")
+                    self._set(status, "indexing")
+            finally:
+                if self._child.poll() is None:
+                    self._child.kill()
+                    self._child.wait()
+            stdout.seek(0)
+            stderr.seek(0)
+            out, err = stdout.read(), stderr.read()
         if self._child.returncode != 0:
             tail = err.strip().splitlines()[-3:] if err else []
             raise BuildError(f"build process exited {self._child.returncode}: {' '.join(tail)}")

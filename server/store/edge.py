@@ -178,6 +178,10 @@ class EdgeBackend:
             shard.update(qe.UpdateOperation.create_field_index(field, index))
 
     def drop_collection(self, name: str) -> None:
+        # A build of this collection in flight must not swap its copy back in afterwards: with
+        # its journal gone, `finish_build` fails and discards the copy.
+        with self._writes:
+            self._journals.pop(name, None)
         with self._lock:
             shard = self._shards.pop(name, None)
             if shard is not None:
