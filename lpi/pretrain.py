@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lpi.continual.flags import DefaultsHelp, default_of
+from lpi.continual.flags import DefaultsHelp, add_optimiser_flags, default_of
 from lpi.continual.pretraining import PretrainConfig, run_pretraining
 
 log = logging.getLogger("lpi.pretrain")
@@ -34,15 +34,7 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
     parser.add_argument("--split", default=default("split"), help="records of this split")
     parser.add_argument("--preset", default=default("preset"), help="architecture preset")
     parser.add_argument("--out", type=Path, required=True, help="output .safetensors file")
-    parser.add_argument("--epochs", type=int, default=default("epochs"), help="epochs")
-    parser.add_argument("--batch-size", type=int, default=default("batch_size"), help="batch size")
-    parser.add_argument("--lr", type=float, default=default("lr"), help="peak learning rate")
-    parser.add_argument(
-        "--weight-decay", type=float, default=default("weight_decay"), help="AdamW weight decay"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=default("workers"), help="data loader worker processes"
-    )
+    add_optimiser_flags(parser, PretrainConfig, epochs="epochs")
     parser.add_argument("--seed", type=int, default=default("seed"), help="of init and data order")
     parser.add_argument("--device", default=default("device"), help="torch device")
     return PretrainConfig(**vars(parser.parse_args(argv)))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lpi.continual.evaluation import summarise
-from lpi.continual.flags import DefaultsHelp, default_of
+from lpi.continual.flags import DefaultsHelp, add_optimiser_flags, default_of
 from lpi.continual.methods import METHODS
 from lpi.continual.run_state import RunError, json_safe
 from lpi.continual.trainer import TrainConfig, run_training
@@ -58,15 +58,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument(
         "--interaction-rank", type=int, default=default("interaction_rank"), help="R_i"
     )
-    parser.add_argument("--epochs", type=int, default=default("epochs"), help="epochs per task")
-    parser.add_argument("--batch-size", type=int, default=default("batch_size"), help="batch size")
-    parser.add_argument("--lr", type=float, default=default("lr"), help="peak learning rate")
-    parser.add_argument(
-        "--weight-decay", type=float, default=default("weight_decay"), help="AdamW weight decay"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=default("workers"), help="data loader worker processes"
-    )
+    add_optimiser_flags(parser, TrainConfig, epochs="epochs per task")
     parser.add_argument("--cache", action="store_true", help="hold decoded pixels in memory")
     parser.add_argument("--seed", type=int, default=default("seed"), help="of data order and init")
     parser.add_argument("--device", default=default("device"), help="torch device")
