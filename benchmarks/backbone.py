@@ -4,8 +4,11 @@ server's slot path), and open_clip on the same weights.
 Random weights (nothing is downloaded), or any checkpoint path (the demo's trained backbone).
 Tasks are built and folded before timing, as the server does at load time; the timed call is
 the forward pass alone. Every cell of one preset, batch and modality is timed round-robin in
-one run, so their ratios are fair; absolute numbers belong to the machine, threads and load
-printed with them, beside the core's matmul floor (benchmarks/floor.py). Each half-precision
+one run, and every ratio (dtype over dtype, prompted over bare) is the median over rounds of
+the two cells' times in the same round (`benchkit.paired_ratio`): other jobs take the cores in
+bursts, which moved a ratio of medians by up to 20 % here. Absolute numbers belong to the
+machine, threads and load printed with them, beside the core's matmul floor
+(benchmarks/floor.py). Each half-precision
 row also reports its worst per-row cosine against float32 (bare and prompted rows).
 
     python benchmarks/backbone.py --presets tiny ViT-B-32 ViT-B-16 --batches 1 8 --threads 1
@@ -15,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from benchkit import time_calls, write_json
+from benchkit import paired_ratio, time_rounds, write_json
 from floor import machine_info
 
 import lpi
@@ -54,7 +58,7 @@ def parse_args() -> argparse.Namespace:
         help="weight dtypes to time (default: float32 bfloat16)",
     )
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per cell (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per cell (median)")
     parser.add_argument(
         "--min-seconds",
         type=float,
@@ -167,13 +171,14 @@ def bench_preset(name: str, args: argparse.Namespace) -> list[dict]:
                 )
             with torch.inference_mode():
                 outputs = {cell: fn() for cell, fn in fns.items()}
-                seconds = time_calls(fns, args.repeats, args.min_seconds)
-            rows.append(summarise(name, modality, batch, seconds, outputs, args.dtypes))
+                samples = time_rounds(fns, args.repeats, args.min_seconds)
+            rows.append(summarise(name, modality, batch, samples, outputs, args.dtypes))
             print_row(rows[-1])
     return rows
 
 
-def summarise(preset, modality, batch, seconds, outputs, dtypes) -> dict:
+def summarise(preset, modality, batch, samples, outputs, dtypes) -> dict:
+    seconds = {cell: statistics.median(times) for cell, times in samples.items()}
     row = {
         "preset": preset,
         "modality": modality,
@@ -183,9 +188,14 @@ def summarise(preset, modality, batch, seconds, outputs, dtypes) -> dict:
     }
     base = dtypes[0]
     row["speedup_over_" + base] = {
-        dtype: seconds[f"{base} none"] / seconds[f"{dtype} none"] for dtype in dtypes
+        dtype: paired_ratio(samples[f"{base} none"], samples[f"{dtype} none"]) for dtype in dtypes
     }
-    row["prompted_over_bare"] = {  # time ratio: 1 = a task costs nothing
+    row["prompted_over_bare"] = {  # time ratio, paired by round: 1 = a task costs nothing
+        f"{dtype} {mode}": paired_ratio(samples[f"{dtype} {mode}"], samples[f"{dtype} none"])
+        for dtype in dtypes
+        for mode in MODES[1:]
+    }
+    row["prompted_over_bare_of_medians"] = {  # unpaired, for comparison: noisier under load
         f"{dtype} {mode}": seconds[f"{dtype} {mode}"] / seconds[f"{dtype} none"]
         for dtype in dtypes
         for mode in MODES[1:]
@@ -199,7 +209,7 @@ def summarise(preset, modality, batch, seconds, outputs, dtypes) -> dict:
     }
     if "open_clip" in seconds:
         row["ours_over_open_clip"] = {
-            dtype: seconds[f"{dtype} none"] / seconds["open_clip"] for dtype in dtypes
+            dtype: paired_ratio(samples[f"{dtype} none"], samples["open_clip"]) for dtype in dtypes
         }
     return row
 

@@ -15,6 +15,17 @@ from lpi import atomic
 
 def time_calls(fns: dict[str, Callable], repeats: int, min_seconds: float) -> dict[str, float]:
     """Median seconds per call of each function, measured round-robin so drift hits all alike."""
+    samples = time_rounds(fns, repeats, min_seconds)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def time_rounds(fns: dict[str, Callable], rounds: int, min_seconds: float) -> dict[str, list]:
+    """Seconds per call of each function in each round, for ratios paired by round.
+
+    A round runs every function once (repeated to span `min_seconds`), in order, so cells
+    that share a round share its load: on cores other jobs take in bursts, a ratio of two
+    cells' medians moves by tens of percent, their per-round ratio far less (`paired_ratio`).
+    """
     inner = {}
     for name, fn in fns.items():
         fn()  # warm-up: first-call allocations and kernel selection
@@ -22,13 +33,18 @@ def time_calls(fns: dict[str, Callable], repeats: int, min_seconds: float) -> di
         fn()
         inner[name] = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-9)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, fn in fns.items():
             start = time.perf_counter()
             for _ in range(inner[name]):
                 fn()
             samples[name].append((time.perf_counter() - start) / inner[name])
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def paired_ratio(cell: list[float], base: list[float]) -> float:
+    """The median over rounds of a cell's time over the base cell's time in the same round."""
+    return statistics.median(c / b for c, b in zip(cell, base, strict=True))
 
 
 def table(columns: list[tuple[str, str]], rows: list[dict]) -> str:

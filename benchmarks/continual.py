@@ -1,184 +1,398 @@
-"""The synthetic continual benchmark: every method of METHOD.md §5 on the same data and backbone.
+"""The continual benchmark: every method of METHOD.md §5 over seeds, resumable, for hours.
 
-One command makes the README's table: it generates the synthetic captioned images (if absent),
-pretrains a small CLIP (`--preset`) on the pretraining split (if absent), trains and evaluates
-each method task after task, and prints a table of final mean recall@1 and forgetting; JSON
-goes next to it. On a shared 2-core machine set OMP_NUM_THREADS=1.
+Each (config, seed) is one run folder, OUT/runs/CONFIG/seed-S: the trainer's run (run.json,
+checkpoints, keys), its eval.json, its swap.json (lpi.continual.swap) and bench.json, the row
+this script writes last, which marks the run finished. A rerun skips finished runs and resumes
+a killed one after its last finished task; OUT/results.json (atomic) holds every finished row
+and the list of missing ones, rewritten after each run. Per seed S the data (OUT/data/seed-S),
+the prompt initialisation and the batch order change; the backbone is shared (pretrained once
+on --backbone-seed's pretraining split, or --backbone). `benchmarks/continual_report.py
+OUT/results.json` makes the table, the Pareto plot and the statistics.
 
-    python benchmarks/continual.py --out runs/synthetic
+    OMP_NUM_THREADS=1 python benchmarks/continual.py --out runs/continual
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
+import fnmatch
 import json
+import logging
+import os
+import platform
+import sys
 import time
 from pathlib import Path
 
+import torch
 from benchkit import write_json
+from continual_data import add_data_flags, prepare_backbone, prepare_data
 
-from lpi import atomic, evaluate, pretrain, train
-from lpi.continual.data import synthetic
+from lpi.checkpoint import fingerprint, load_backbone
+from lpi.config import PromptConfig
+from lpi.continual import swap
+from lpi.continual.evaluator import EvalConfig, run_evaluation
+from lpi.continual.methods import method_spec, new_prompts
+from lpi.continual.sweep import SWEEP_FILE, read_sweep
+from lpi.continual.trainer import TrainConfig, default_device, run_training
 
-METHODS = [
-    "zero-shot",
-    "shared",
-    "dense",
-    "lpi",
-    "lpi-no-interaction",
-    "lpi-no-layer",
-    "lpi-no-task",
-]
+log = logging.getLogger("benchmarks.continual")
+FORMAT = 1
+ROW = "bench.json"
+SWEEP_FALLBACK = {m: "lpi" for m in ("lpi-no-interaction", "lpi-no-layer", "lpi-no-task", "shared")}
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/synthetic"))
-    parser.add_argument("--methods", nargs="+", default=METHODS)
-    parser.add_argument(
-        "--ranks",
-        nargs="*",
-        type=int,
-        default=[1, 2, 8],
-        help="extra LPI runs at these ranks (the rank sweep; R=4 is 'lpi'); pass --ranks with "
-        "no value to skip it",
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One benchmark row: a method at one prompt shape."""
+
+    name: str
+    method: str
+    layers: int
+    tokens: int
+    rank: int
+    family: str  # the Pareto curve it belongs to (dense, lpi, lpi-no-interaction) or the method
+    parameters_per_task: int = 0
+    matched_to: str | None = None  # the interaction config whose count this one matches
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--train-per-task", type=int, default=1000)
-    parser.add_argument("--test-per-task", type=int, default=200)
-    parser.add_argument("--pretrain-images", type=int, default=4000)
-    parser.add_argument("--pretrain-epochs", type=int, default=20)
-    parser.add_argument(
-        "--preset", default="small", help="backbone architecture to pretrain (lpi/presets)"
-    )
-    parser.add_argument("--epochs", type=int, default=30, help="epochs per task")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-2)
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    add = parser.add_argument
+    add("--out", type=Path, default=Path("runs/continual"), help="benchmark folder")
+    add("--seeds", nargs="+", type=int, default=[0, 1, 2], help="data, prompt init, batch order")
+    add("--configs", nargs="+", default=None, help="run only these configs (see --list)")
+    add("--only", nargs="+", default=None, help="run only runs whose CONFIG/seed-S matches a glob")
+    add("--list", action="store_true", help="print the configs with their parameter counts, exit")
+    add("--sweep", type=Path, default=None, help="folder of sweep.json: per-method lr")
+    add("--lr", type=float, default=3e-2, help="lr of every method the sweep does not name")
+    add("--epochs", type=int, default=30, help="epochs per task")
+    add("--batch-size", type=int, default=64)
+    add("--layers", type=int, default=4, help="J of the LPI configs")
+    add("--tokens", type=int, default=8, help="N of the LPI configs")
+    add("--rank", type=int, default=4, help="R of the headline LPI and its ablations")
+    add("--ranks", nargs="+", type=int, default=[1, 2, 4, 8, 16], help="LPI Pareto ranks")
+    add("--dense-shapes", nargs="+", default=["1x2", "2x4", "4x8"], help="dense JxN shapes")
+    add("--device", default=default_device())
+    add_data_flags(parser)
+    return parser.parse_args(argv)
 
 
-def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
-    data, backbone = args.out / "data", args.out / "backbone.safetensors"
-    if not (data / "manifest.jsonl").exists():
-        synthetic.main(
-            [
-                "--out",
-                str(data),
-                "--tasks",
-                str(args.tasks),
-                "--train-per-task",
-                str(args.train_per_task),
-                "--test-per-task",
-                str(args.test_per_task),
-                "--pretrain",
-                str(args.pretrain_images),
-                "--seed",
-                str(args.seed),
-            ]
+def prompt_count(method: str, layers: int, tokens: int, rank: int, backbone) -> int:
+    """Trainable parameters per task of one config (0 for zero-shot)."""
+    if not method_spec(method).trains:
+        return 0
+    depth = min(backbone.config.vision.layers, backbone.config.text.layers)
+    config = PromptConfig(layers=min(layers, depth), tokens=tokens, rank=rank)
+    return new_prompts(method, config, backbone).num_parameters()
+
+
+def make_configs(args: argparse.Namespace, backbone) -> list[Config]:
+    """Every row of the benchmark, in run order, with its parameter count per task."""
+    j, n, r = args.layers, args.tokens, args.rank
+    plan = [
+        ("zero-shot", "zero-shot", j, n, r, "zero-shot"),
+        ("shared", "shared", j, n, r, "shared"),
+    ]
+    for shape in args.dense_shapes:
+        dj, dn = (int(v) for v in shape.lower().split("x"))
+        plan.append((f"dense-J{dj}N{dn}", "dense", dj, dn, r, "dense"))
+    for method in ("lpi", "lpi-no-interaction"):
+        plan += [(f"{method}-R{rank}", method, j, n, rank, method) for rank in args.ranks]
+    plan += [(f"{m}-R{r}", m, j, n, r, m) for m in ("lpi-no-layer", "lpi-no-task")]
+    configs = [Config(*p, prompt_count(p[1], *p[2:5], backbone)) for p in plan]  # type: ignore[arg-type]
+    # Interaction vs none at a matched count: the no-interaction rank nearest lpi-R{r}'s count.
+    target = prompt_count("lpi", j, n, r, backbone)
+    per_rank = {
+        k: prompt_count("lpi-no-interaction", j, n, k, backbone) for k in range(1, 8 * r + 1)
+    }
+    matched = min(per_rank, key=lambda k: (abs(per_rank[k] - target), k))
+    name = f"lpi-no-interaction-R{matched}"
+    configs = [c for c in configs if c.name != name]
+    configs.append(
+        Config(
+            name,
+            "lpi-no-interaction",
+            j,
+            n,
+            matched,
+            "lpi-no-interaction",
+            per_rank[matched],
+            f"lpi-R{r}",
         )
-    if not backbone.exists():
-        code = pretrain.main(
-            [
-                "--manifest",
-                str(data / "pretrain.jsonl"),
-                "--out",
-                str(backbone),
-                "--epochs",
-                str(args.pretrain_epochs),
-                "--preset",
-                args.preset,
-                "--seed",
-                str(args.seed),
-            ]
-        )
-        if code:
-            raise SystemExit(code)
-    return data / "manifest.jsonl", backbone
-
-
-def run_method(args, name: str, method: str, rank: int, manifest: Path, backbone: Path) -> dict:
-    folder = args.out / "runs" / name
-    start = time.perf_counter()
-    code = train.main(
-        [
-            "--manifest",
-            str(manifest),
-            "--backbone",
-            str(backbone),
-            "--out",
-            str(folder),
-            "--method",
-            method,
-            "--layers",
-            str(args.layers),
-            "--tokens",
-            str(args.tokens),
-            "--rank",
-            str(rank),
-            "--epochs",
-            str(args.epochs),
-            "--lr",
-            str(args.lr),
-            "--seed",
-            str(args.seed),
-            "--cache",
-        ]
     )
-    if code or evaluate.main([str(folder)]):
-        raise SystemExit(f"{name} failed")
-    report = json.loads((folder / "eval.json").read_text())
+    return configs
+
+
+def sweep_points(folder: Path | None) -> dict[str, dict[str, float]]:
+    """{method: {"lr": best[, "init_std": best]}} from FOLDER/sweep.json, {} without a sweep."""
+    if folder is None:
+        return {}
+    number = (int, float)
     return {
-        "name": name,
-        "parameters_per_task": report["parameters_per_task"],
-        "final_r1_oracle": report["oracle"]["final_mean"],
-        "forgetting_oracle": report["oracle"]["mean_forgetting"],
-        "final_r1_routed": report["routed"]["final_mean"],
-        "forgetting_routed": report["routed"]["mean_forgetting"],
-        "routing_accuracy": report["routing_accuracy_final"],
-        "seconds": time.perf_counter() - start,
+        method: {k: float(entry[k]) for k in ("lr", "init_std") if isinstance(entry.get(k), number)}
+        for method, entry in read_sweep(folder / SWEEP_FILE).items()
+        if isinstance(entry, dict) and isinstance(entry.get("lr"), number)
     }
 
 
-def table(rows: list[dict]) -> str:
-    lines = [
-        "| method | params/task | final R@1 oracle | forgetting oracle | final R@1 routed "
-        "| forgetting routed | routing acc. img/txt | seconds |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        forget = [
-            ("-" if v is None else f"{v:.2f}")
-            for v in (r["forgetting_oracle"], r["forgetting_routed"])
-        ]
-        lines.append(
-            f"| {r['name']} | {r['parameters_per_task']:,} | {r['final_r1_oracle']:.2f} "
-            f"| {forget[0]} | {r['final_r1_routed']:.2f} | {forget[1]} "
-            f"| {_accuracy(r['routing_accuracy'])} "
-            f"| {r['seconds']:.0f} |"
-        )
-    return "\n".join(lines)
-
-
-def _accuracy(accuracy: dict | None) -> str:
-    return "-" if accuracy is None else f"{accuracy['image']:.0f}/{accuracy['text']:.0f}"
-
-
-def main() -> None:
-    args = parse_args()
-    start = time.perf_counter()
-    manifest, backbone = prepare(args)
-    runs = [(m, m, 4) for m in args.methods] + [(f"lpi-rank{r}", "lpi", r) for r in args.ranks]
-    rows = [run_method(args, name, method, rank, manifest, backbone) for name, method, rank in runs]
-    text = table(rows)
-    print(text)
-    print(f"total {time.perf_counter() - start:.0f} s")
-    write_json(
-        args.out / "results.json", {"args": vars(args) | {"out": str(args.out)}, "rows": rows}
+def train_config(args, config: Config, seed: int, manifest: Path, backbone: str, recipe: dict):
+    """The trainer's config (L_task's S: task_similarity.json beside the manifest)."""
+    optional = {"init_std": recipe["init_std"]} if recipe["init_std"] is not None else {}
+    return TrainConfig(
+        manifest=manifest,
+        backbone=backbone,
+        out=run_folder(args, config, seed),
+        method=config.method,
+        layers=config.layers,
+        tokens=config.tokens,
+        rank=config.rank,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=recipe["lr"],
+        lr_source=recipe["lr_source"],
+        cache=True,
+        seed=seed,
+        device=args.device,
+        eval_split="test",  # forgetting is measured on the test split, as the final recall
+        **optional,
     )
-    atomic.write_text(args.out / "results.md", text + "\n")
+
+
+def run_folder(args: argparse.Namespace, config: Config, seed: int) -> Path:
+    return args.out / "runs" / config.name / f"seed-{seed}"
+
+
+def learning_rate(args, config: Config, points: dict[str, dict]) -> dict:
+    """lr, init std and their source: the sweep's choice for the config's method, else for
+    LPI where the method trains LPI's factors (its ablations, the shared prompt: same scale),
+    else --lr and the default init."""
+    for method in (config.method, SWEEP_FALLBACK.get(config.method)):
+        if method in points:
+            point = points[method]
+            source = f"sweep: {method}"
+            return {"lr": point["lr"], "init_std": point.get("init_std"), "lr_source": source}
+    return {"lr": args.lr, "init_std": None, "lr_source": "--lr"}
+
+
+def finished_row(folder: Path, wanted: dict) -> dict:
+    """A finished run's row; refused when it was made with other settings than these."""
+    row = json.loads((folder / ROW).read_text())
+    if row["settings"] != wanted:
+        changed = sorted(k for k in wanted if row["settings"].get(k) != wanted[k])
+        raise SystemExit(
+            f"{folder} was run with other settings ({', '.join(changed)}): "
+            "delete it or use another --out"
+        )
+    return row
+
+
+def settings(args: argparse.Namespace, config: Config, recipe: dict, backbone: str) -> dict:
+    """What a finished row must match to be reused (else the rerun refuses, naming the run).
+    The backbone is its fingerprint (a hash of configuration and weights)."""
+    keys = ("epochs", "batch_size", "suite", "train_per_task", "val_per_task", "test_per_task")
+    keys += ("tasks", "fashion_groups", "image_size")
+    fixed = {k: getattr(args, k) for k in keys} | {"backbone": backbone}
+    return {**dataclasses.asdict(config), **recipe} | fixed
+
+
+def measure(folder: Path) -> dict:
+    """Final recall, forgetting and routing of a finished run, from its eval.json."""
+    report = json.loads((folder / "eval.json").read_text())
+    final = report["final"]
+    row = {"tasks": report["tasks"], "routing_accuracy": report["routing_accuracy_final"]}
+    for mode in ("oracle", "routed"):
+        per_task = [final[mode][t]["task"] for t in report["tasks"]]
+        row[mode] = {
+            f"r{k}": sum(0.5 * (r["i2t"][str(k)] + r["t2i"][str(k)]) for r in per_task)
+            / len(per_task)
+            for k in (1, 5, 10)
+        }
+        row[mode]["rsum"] = sum(
+            v for r in per_task for d in ("i2t", "t2i") for v in r[d].values()
+        ) / len(per_task)
+        row[mode]["per_task_r1"] = final["r1"][mode]
+        row[mode]["forgetting"] = report[mode]["mean_forgetting"]
+    return row
+
+
+def run_one(args, config: Config, seed: int, backbone: str, identity: str, points) -> dict:
+    """Train, evaluate and swap one (config, seed), or return its finished row."""
+    folder = run_folder(args, config, seed)
+    recipe = learning_rate(args, config, points)
+    wanted = settings(args, config, recipe, identity)
+    if (folder / ROW).exists():
+        return finished_row(folder, wanted)
+    # only the backbone's seed needs the pretraining split in full
+    pretrain = args.pretrain_images if seed == args.backbone_seed and not args.backbone else 1
+    manifest = prepare_data(args, seed, pretrain)
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    state = run_training(train_config(args, config, seed, manifest, backbone, recipe))
+    middle = time.perf_counter()
+    run_evaluation(EvalConfig(run=folder, device=args.device))
+    after_eval = time.perf_counter()
+    swapped = None
+    if method_spec(config.method).trains:
+        swapped = swap.write_swap(folder, device=args.device)
+    seconds = {
+        # summed over tasks from run.json, so a resumed run still counts its earlier tasks
+        "train": sum(result.get("seconds", 0.0) for result in state.results),
+        "this_attempt": time.perf_counter() - start,
+        "eval": after_eval - middle,
+        "swap": time.perf_counter() - after_eval,
+    }
+    seconds["total"] = seconds["train"] + seconds["eval"] + seconds["swap"]
+    row = {
+        "id": f"{config.name}/seed-{seed}",
+        "config": config.name,
+        "seed": seed,
+        "settings": wanted,
+        **measure(folder),
+        "swap": swapped,
+        "seconds": seconds,
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+        "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    write_json(folder / ROW, row)
+    return row
+
+
+def machine() -> dict:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "gpu": gpu,
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch": torch.__version__,
+    }
+
+
+def finished_rows(args, configs: list[Config], points: dict[str, dict], backbone: str) -> dict:
+    """Every finished row of the planned runs, each checked against today's settings."""
+    rows = {}
+    for config in configs:
+        wanted = settings(args, config, learning_rate(args, config, points), backbone)
+        for seed in args.seeds:
+            folder = run_folder(args, config, seed)
+            if (folder / ROW).exists():
+                rows[f"{config.name}/seed-{seed}"] = finished_row(folder, wanted)
+    return rows
+
+
+def write_results(args, configs, rows, points, backbone, started: float) -> None:
+    """OUT/results.json: the protocol, every config, every finished row, the missing ones."""
+    planned = [f"{c.name}/seed-{s}" for c in configs for s in args.seeds]
+    payload = {
+        "format": FORMAT,
+        "protocol": {
+            "command": "python benchmarks/continual.py " + " ".join(args.argv),
+            "seeds": args.seeds,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "tasks": args.tasks,
+            "suite": args.suite,
+            "fashion_groups": args.fashion_groups,
+            "train_per_task": args.train_per_task,
+            "val_per_task": args.val_per_task,
+            "test_per_task": args.test_per_task,
+            "backbone": backbone,
+            "preset": None if args.backbone else args.preset,
+            "pretrain_images": None if args.backbone else args.pretrain_images,
+            "pretrain_epochs": None if args.backbone else args.pretrain_epochs,
+            "backbone_seed": None if args.backbone else args.backbone_seed,
+            "lr": args.lr,
+            "sweep": None if args.sweep is None else str(args.sweep),
+            "sweep_points": points,
+        },
+        "machine": machine(),
+        "configs": [dataclasses.asdict(c) for c in configs],
+        "runs": [rows[run] for run in planned if run in rows],
+        "missing": [run for run in planned if run not in rows],
+        "session_seconds": time.perf_counter() - started,
+        "updated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    write_json(args.out / "results.json", payload)
+
+
+def selected(args: argparse.Namespace, configs: list[Config]) -> list[tuple[Config, int]]:
+    runs = [(c, s) for c in configs for s in args.seeds]
+    if args.configs:
+        unknown = set(args.configs) - {c.name for c in configs}
+        if unknown:
+            raise SystemExit(f"--configs: unknown {sorted(unknown)}; --list shows the configs")
+        runs = [(c, s) for c, s in runs if c.name in args.configs]
+    if args.only:
+        runs = [
+            (c, s)
+            for c, s in runs
+            if any(fnmatch.fnmatch(f"{c.name}/seed-{s}", p) for p in args.only)
+        ]
+    return runs
+
+
+def estimate(spent: dict[str, list[float]], methods: list[str]) -> str:
+    """', ETA N min' for the runs left: each at its method's mean so far, else the overall mean."""
+    every = [t for times in spent.values() for t in times]
+    if not every:
+        return ""
+    overall = sum(every) / len(every)
+    left = sum(sum(spent[m]) / len(spent[m]) if m in spent else overall for m in methods)
+    return f", ETA {left / 60:.0f} min"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    started = time.perf_counter()
+    if args.list:  # counts depend on the architecture only: no data, no pretraining
+        model = load_backbone(args.backbone or args.preset, device="cpu")
+        for c in make_configs(args, model):
+            print(
+                f"{c.name:28s} {c.method:20s} J={c.layers} N={c.tokens} R={c.rank} "
+                f"params/task={c.parameters_per_task:,}"
+            )
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    backbone = prepare_backbone(args)
+    model = load_backbone(backbone, device="cpu")
+    configs, identity = make_configs(args, model), fingerprint(model)
+    points = sweep_points(args.sweep)
+    rows = finished_rows(args, configs, points, identity)
+    todo = [(c, s) for c, s in selected(args, configs) if f"{c.name}/seed-{s}" not in rows]
+    log.info("%d runs finished, %d to run now", len(rows), len(todo))
+    write_results(args, configs, rows, points, backbone, started)
+    spent: dict[str, list[float]] = {}
+    for index, (config, seed) in enumerate(todo):
+        eta = estimate(spent, [c.method for c, _ in todo[index:]])
+        log.info("run %d/%d %s seed %d%s", index + 1, len(todo), config.name, seed, eta)
+        begin = time.perf_counter()
+        row = run_one(args, config, seed, backbone, identity, points)
+        spent.setdefault(config.method, []).append(time.perf_counter() - begin)
+        rows[row["id"]] = row
+        write_results(args, configs, rows, points, backbone, started)
+        log.info(
+            "run %d/%d %s seed %d: oracle R@1 %.2f, routed %.2f, %.0f s",
+            index + 1,
+            len(todo),
+            config.name,
+            seed,
+            row["oracle"]["r1"],
+            row["routed"]["r1"],
+            spent[config.method][-1],
+        )
+    log.info("wrote %s (%.0f s)", args.out / "results.json", time.perf_counter() - started)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

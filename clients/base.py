@@ -41,10 +41,13 @@ from clients.calls import (  # re-exported: the SDK's helpers have lived here
     index_call,
     merge_embeddings,
     points_call,
+    routing_headers,
+    search_call,
     text_item,  # noqa: F401 (re-exported)
     to_numpy,
+    worth_retrying,
 )
-from clients.errors import ConnectionFailed, error_from_response, parse_retry_after
+from clients.errors import ConnectionFailed, error_from_response
 from wire import schema
 
 log = logging.getLogger("clients")
@@ -65,12 +68,11 @@ RETRYABLE = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolErr
 class RetryPolicy:
     """When and how long to wait before sending a call again.
 
-    Only a 503 (queue full, shutting down, store unavailable) and a request that got no answer
-    (connection refused or reset, timeout) are retried; never a 4xx, which would be refused
-    again, nor another 5xx, which may have done part of its work. Waits double from `backoff`
-    up to `max_backoff`, each drawn from its upper half (jitter, so clients that failed together
-    do not come back together); a 503's Retry-After replaces the backoff, capped at
-    `max_retry_after`.
+    Retried: a 503 (busy, stopping, store down), a 409 with Retry-After (a fleet replica loading
+    the task), no answer, and, for a call safe to repeat (`Call.repeatable`), a 500 the server
+    did not write (`worth_retrying`); never another 4xx, nor another 5xx. Waits double from
+    `backoff` up to `max_backoff`, each drawn from its upper half (jitter: clients that failed
+    together do not come back together); Retry-After replaces it, capped at `max_retry_after`.
     """
 
     retries: int = 3  # attempts after the first
@@ -135,7 +137,7 @@ class BaseClient:
             headers["Content-Type"] = "application/octet-stream"
         elif call.files:
             kwargs["data"], kwargs["files"] = call.form, list(call.files)
-        kwargs["headers"] = headers
+        kwargs["headers"] = headers | routing_headers(call)
         return kwargs
 
     def _answer(self, call: Call, response: httpx.Response, attempt: int) -> Any:
@@ -143,10 +145,10 @@ class BaseClient:
         status = response.status_code
         if status in call.ok:
             return _parse(call, response)
-        if status == 503 and attempt < self.retry.retries:
-            hint = parse_retry_after(response.headers.get("retry-after"))
+        again, hint = worth_retrying(call, response)
+        if again and attempt < self.retry.retries:
             wait = self.retry.delay(attempt, hint)
-            return self._retrying(call, "503 (server busy)", attempt, wait)
+            return self._retrying(call, f"{status} (server busy or lost)", attempt, wait)
         raise error_from_response(status, response.content, response.headers)
 
     def _failure(self, call: Call, error: httpx.TransportError, attempt: int) -> Retry:
@@ -304,7 +306,7 @@ class BaseClient:
             exact=exact,
             hnsw_ef=hnsw_ef,
         )
-        return (yield Call("POST", "/search", schema.SearchResponse.model_validate_json, body=body))
+        return (yield search_call(body))
 
     def _count_points(
         self, task: str, filter: Mapping[str, schema.FilterValue] | None = None

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from clients.errors import InvalidResponseError, VersionChangedError
+from clients.errors import InvalidResponseError, VersionChangedError, parse_retry_after
 from wire import schema
 
 T = TypeVar("T")
@@ -29,6 +29,8 @@ T = TypeVar("T")
 ImageInput = bytes | bytearray | memoryview | str | os.PathLike[str] | Any
 ItemInput = schema.IndexItem | Mapping[str, Any]
 _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+# Ray Serve's model multiplexing header: the fleet's proxy prefers replicas holding the task.
+TASK_ROUTING_HEADER = "serve_multiplexed_model_id"
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,15 @@ class Call:
     files: tuple[tuple[str, tuple[str, bytes, str]], ...] = ()
     admin: bool = False  # sent with the admin key
     ok: frozenset[int] = frozenset({200})  # statuses whose body `parse` reads
+    # Sending it twice does what sending it once does, and answers the same: a lost proxy's 500
+    # may hide a first success, so only such calls (and every GET) are sent again after one.
+    # A load answers `changed: False` the second time, a delete `deleted: 0`: not idempotent.
+    idempotent: bool = False
+
+    @property
+    def repeatable(self) -> bool:
+        """Whether a 500 the server did not write may be answered by sending the call again."""
+        return self.idempotent or self.method == "GET"
 
 
 # -- building calls -----------------------------------------------------------------------------
@@ -56,23 +67,34 @@ def embed_call(texts: list[str], images: list[bytes], task: str | None) -> Call:
     if task is not None:
         _task(task)
     if not images:
-        return Call("POST", "/embed", parse, body=schema.EmbedRequest(task=task, texts=texts))
+        body = schema.EmbedRequest(task=task, texts=texts)
+        return Call("POST", "/embed", parse, body=body, idempotent=True)
     form: dict[str, Any] = {"texts": texts} | ({"task": task} if task is not None else {})
     files = tuple(
         ("images", (f"image-{i}", blob, "application/octet-stream"))
         for i, blob in enumerate(images)
     )
-    return Call("POST", "/embed", parse, form=form, files=files)
+    return Call("POST", "/embed", parse, form=form, files=files, idempotent=True)
 
 
 def index_call(task: str, items: list[schema.IndexItem], **options: Any) -> Call:
-    """`options`: IndexRequest's other fields (skip_existing, prompt_version, thumbnail)."""
+    """`options`: IndexRequest's other fields (skip_existing, prompt_version, thumbnail).
+
+    Every item gets an id here, not on the server: sent again, the call overwrites the same
+    points rather than adding copies, so it is `idempotent`."""
     items = [
         item if item.id is not None else item.model_copy(update={"id": str(uuid.uuid4())})
         for item in items
     ]
     body = schema.IndexRequest(task=task, items=items, **options)
-    return Call("POST", "/index", schema.IndexResponse.model_validate_json, body=body)
+    parse = schema.IndexResponse.model_validate_json
+    return Call("POST", "/index", parse, body=body, idempotent=True)
+
+
+def search_call(body: schema.SearchRequest) -> Call:
+    """A search only reads: `idempotent`."""
+    parse = schema.SearchResponse.model_validate_json
+    return Call("POST", "/search", parse, body=body, idempotent=True)
 
 
 def text_item(
@@ -231,7 +253,8 @@ def points_call(
 ) -> Call:
     given = None if filter is None else dict(filter)
     body = schema.PointsRequest(task=_task(task), filter=given, limit=limit, offset=offset)
-    return Call("POST", f"/points/{action}", schema.PointsResponse.model_validate_json, body=body)
+    parse = schema.PointsResponse.model_validate_json  # count and list only read: idempotent
+    return Call("POST", f"/points/{action}", parse, body=body, idempotent=True)
 
 
 def delete_calls(
@@ -271,3 +294,31 @@ def to_numpy(response: schema.EmbedResponse) -> Arrays:
         return None if rows is None else np.asarray(rows, dtype=np.float32).reshape(len(rows), -1)
 
     return Arrays(array(response.text_embeddings), array(response.image_embeddings))
+
+
+def worth_retrying(call: Call, response: httpx.Response) -> tuple[bool, float | None]:
+    """Whether a refused call is worth sending again, and the answer's Retry-After: a 503, a
+    409 with Retry-After (a fleet replica loading the task), or, for a `repeatable` call, a 500
+    the server did not write (its errors are JSON `ErrorBody`): a proxy answering for a server
+    process that died under the call, perhaps after it did the call's work, as Ray Serve's does."""
+    hint = parse_retry_after(response.headers.get("retry-after"))
+    status = response.status_code
+    if status == 503 or (status == 409 and hint is not None):
+        return True, hint
+    if status != 500 or not call.repeatable:
+        return False, None
+    try:
+        schema.ErrorBody.model_validate_json(response.content)
+    except ValidationError:
+        return True, None
+    return False, None
+
+
+def routing_headers(call: Call) -> dict[str, str]:
+    """The one task a call names (its body's or form's `task`) in the header a fleet's proxy
+    routes by (replicas holding the task first); one server ignores it."""
+    task = getattr(call.body, "task", None) if call.body is not None else None
+    if task is None and call.form:
+        task = call.form.get("task")
+    ok = isinstance(task, str) and task != schema.AUTO
+    return {TASK_ROUTING_HEADER: task} if ok and isinstance(task, str) else {}

@@ -350,12 +350,13 @@ def _tasks_list(client: Client, args: argparse.Namespace) -> tuple[Result, int]:
             (t.serving_version or "-")[:12],
             len(t.loaded_versions),
             t.vectors,
+            ", ".join(t.made_by) or "-",
             t.method or "-",
             age(t.loaded_at),
         )
         for t in tasks
     ]
-    headers = ("task", "version", "serving", "loaded", "vectors", "method", "loaded at")
+    headers = ("task", "version", "serving", "loaded", "vectors", "made by", "method", "loaded at")
     text = table(headers, rows) if tasks else "no task loaded (lpi tasks load NAME FILE)"
     return Result({"tasks": [dump(t) for t in tasks]}, text, [dump(t) for t in tasks]), 0
 

@@ -114,8 +114,10 @@ class SlotPrefix:
 
         Why: rebuilding each row's prefix in every layer cost small batches up to 1.6x the bare
         backbone. Each distinct task's [J, N, D] is computed once, in one batched product over
-        layers, and shared by its rows (a batch of one task is a stride-0 view, no copy). Rows
-        with slot -1 are hidden by `active` (their slot-0 stand-in never reaches a softmax).
+        layers, and shared by its rows (a batch of one task is a stride-0 view, no copy; rows of
+        consecutive slots in slot order read the product as it is: gathering the factors and
+        the product cost a bf16 text batch of 8 tasks 0.8 ms of a 28 ms pass). Rows with slot -1 are
+        hidden by `active` (their slot-0 stand-in never reaches a softmax).
         """
         pool = self.pool
         rows = self.slots.tolist()  # [B] ints, -1 = no task: a few host ints, off the GPU path
@@ -127,16 +129,25 @@ class SlotPrefix:
             keys = keys[:, None].expand(-1, self.batch, -1, -1)  # [J, B, N, D]
             values = values[:, None].expand(-1, self.batch, -1, -1)
         else:
-            index = torch.tensor(used, device=pool.U_K.device)  # [S_u]
-            keys = torch.matmul(pool.U_K[:, index], pool.M_K[:, index])  # [J, S_u, N, D]
-            values = torch.matmul(pool.U_V[:, index], pool.M_V[:, index])
+            keys = torch.matmul(_slots(pool.U_K, used), _slots(pool.M_K, used))  # [J, S_u, N, D]
+            values = torch.matmul(_slots(pool.U_V, used), _slots(pool.M_V, used))
             where = {slot: i for i, slot in enumerate(used)}
-            row_task = torch.tensor([where[max(slot, 0)] for slot in rows], device=index.device)
-            keys, values = keys[:, row_task], values[:, row_task]  # [J, B, N, D]
+            row_task = [where[max(slot, 0)] for slot in rows]  # [B] indices into S_u
+            if row_task != list(range(len(used))):  # else row b is task b already: no copy
+                index = torch.tensor(row_task, device=keys.device)
+                keys, values = keys[:, index], values[:, index]  # [J, B, N, D]
         if min(rows) >= 0:
             return Prefix(keys, values, None)
         active = torch.tensor([slot >= 0 for slot in rows], device=pool.U_K.device)  # [B]
         return Prefix(keys, values, active)
+
+
+def _slots(factors: Tensor, used: list[int]) -> Tensor:
+    """factors[:, used] for a pool tensor [J, S, ...]: a view when the slots are consecutive
+    (the pool hands out the lowest free slots first, so they often are), else a gather."""
+    if used == list(range(used[0], used[-1] + 1)):
+        return factors[:, used[0] : used[-1] + 1]
+    return factors[:, torch.tensor(used, device=factors.device)]
 
 
 def gather_prefix(

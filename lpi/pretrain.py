@@ -37,6 +37,12 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
     add_optimiser_flags(parser, PretrainConfig, epochs="epochs")
     parser.add_argument("--seed", type=int, default=default("seed"), help="of init and data order")
     parser.add_argument("--device", default=default("device"), help="torch device")
+    parser.add_argument(
+        "--compact-vocabulary",
+        action=argparse.BooleanOptionalAction,
+        default=default("compact_vocabulary"),
+        help="step only the token embedding rows the captions use (the same model, faster)",
+    )
     return PretrainConfig(**vars(parser.parse_args(argv)))
 
 

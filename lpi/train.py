@@ -17,29 +17,28 @@ from lpi.continual.evaluation import summarise
 from lpi.continual.flags import DefaultsHelp, add_optimiser_flags, default_of
 from lpi.continual.methods import METHODS
 from lpi.continual.run_state import RunError, json_safe
+from lpi.continual.sweep import SweepError, chosen
 from lpi.continual.trainer import TrainConfig, run_training
 
 log = logging.getLogger("lpi.train")
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """The flags as a `TrainConfig` (argparse exits with status 2 on a bad flag)."""
+def add_train_flags(parser: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """Every TrainConfig flag; `sweep` leaves out those a sweep sets itself (method, lr, out)."""
 
     def default(name: str) -> Any:
         return default_of(TrainConfig, name)
 
-    parser = argparse.ArgumentParser(
-        prog="python -m lpi.train",
-        description=__doc__.split("\n")[0],
-        epilog="methods: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()),
-        formatter_class=DefaultsHelp,
-    )
     parser.add_argument("--manifest", type=Path, required=True, help="JSONL task-split manifest")
     parser.add_argument("--backbone", required=True, help="checkpoint path or preset name")
-    parser.add_argument("--out", type=Path, required=True, help="run folder (created/resumed)")
-    parser.add_argument(
-        "--method", default=default("method"), choices=list(METHODS), help="what is trained (below)"
-    )
+    if not sweep:
+        parser.add_argument("--out", type=Path, required=True, help="run folder (created/resumed)")
+        parser.add_argument(
+            "--method",
+            default=default("method"),
+            choices=list(METHODS),
+            help="what is trained (below)",
+        )
     parser.add_argument(
         "--tasks",
         nargs="+",
@@ -59,11 +58,67 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         "--interaction-rank", type=int, default=default("interaction_rank"), help="R_i"
     )
     add_optimiser_flags(parser, TrainConfig, epochs="epochs per task")
+    if sweep:
+        for action in parser._actions:  # the sweep's --lrs replace --lr
+            if action.dest == "lr":
+                action.help, action.default = argparse.SUPPRESS, None
+    else:
+        parser.add_argument(
+            "--init-std", type=float, default=default("init_std"), help="std of factors' init"
+        )
+    parser.add_argument(
+        "--similarity",
+        type=Path,
+        default=default("similarity"),
+        help="task similarity JSON for L_task; None means task_similarity.json beside the "
+        "manifest if present, else L_task is off",
+    )
+    parser.add_argument(
+        "--similarity-from-descriptions",
+        action="store_true",
+        help="without a similarity file, take S from the frozen text tower's features of the "
+        "task names (meaningful only for a real pretrained CLIP)",
+    )
+    parser.add_argument(
+        "--task-threshold",
+        type=float,
+        default=default("task_threshold"),
+        help="L_task targets Y = S > threshold (diagonal positive)",
+    )
     parser.add_argument("--cache", action="store_true", help="hold decoded pixels in memory")
     parser.add_argument("--seed", type=int, default=default("seed"), help="of data order and init")
     parser.add_argument("--device", default=default("device"), help="torch device")
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The flags as a `TrainConfig` (argparse exits with status 2 on a bad flag)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lpi.train",
+        description=__doc__.split("\n")[0],
+        epilog="methods: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()),
+        formatter_class=DefaultsHelp,
+    )
+    add_train_flags(parser)
+    parser.add_argument(
+        "--lr-from",
+        type=Path,
+        default=None,
+        help="a sweep.json of python -m lpi.sweep: take the method's chosen lr (and init std) "
+        "from it instead of --lr, and record it in run.json",
+    )
     args = parser.parse_args(argv)
-    return TrainConfig(**{**vars(args), "tasks": tuple(args.tasks) if args.tasks else None})
+    fields = {**vars(args), "tasks": tuple(args.tasks) if args.tasks else None}
+    lr_from = fields.pop("lr_from")
+    if lr_from is not None:
+        try:
+            point = chosen(lr_from, args.method)
+        except SweepError as error:
+            parser.error(f"--lr-from: {error}")
+        fields["lr"] = float(point["lr"])
+        if point.get("init_std") is not None:
+            fields["init_std"] = float(point["init_std"])
+        fields["lr_source"] = f"{lr_from} (val R@1 {point.get('score')})"
+    return TrainConfig(**fields)
 
 
 def main(argv: list[str] | None = None) -> int:

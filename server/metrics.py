@@ -55,6 +55,12 @@ class Metrics:
             "lpi_prompt_versions_loaded", "Prompt versions held by the engine", registry=r
         )
         self.swaps = Counter("lpi_task_swaps", "Task loads that changed a version", registry=r)
+        self.dtype_mismatch = Counter(
+            "lpi_search_dtype_mismatch",
+            "Searches whose query was computed in another dtype than the stored vectors",
+            ["task", "made_by", "searched_with"],
+            registry=r,
+        )
         self.swap_seconds = Histogram(
             "lpi_task_swap_seconds",
             "Time to load or replace a task",

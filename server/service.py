@@ -34,7 +34,7 @@ from server.exceptions import (
     WrongDimensionError,
 )
 from server.inputs import Limits, check_count, decode_base64, image_rows, text_rows
-from server.registry import TaskNotLoadedError, TaskRegistry
+from server.registry import TaskRegistry
 from server.resume import index_missing
 from server.store import StoreError, VectorStore
 from server.store.bulk import check_given_vectors, check_given_version, filter_warnings
@@ -151,13 +151,14 @@ class Service:
                 vectors[i] = vector
             with request_fields():
                 stored = await run_in_threadpool(
-                    self._upsert, task, version, ids, vectors, payloads
+                    self._upsert, task, version, ids, vectors, payloads, given
                 )
             serving = self.registry.serving_version(task) == version
         return {"task": task, "prompt_version": version, "ids": stored, "serving": serving}
 
-    def _upsert(self, task: str, version: str, ids: list, vectors: list, payloads: list) -> list:
+    def _upsert(self, task, version, ids: list, vectors: list, payloads: list, given=()) -> list:
         getattr(self.store, "ensure_declared", lambda *key: None)(task, version)  # settings'
+        self.registry.origins.record(task, version, len(given) < len(ids), bool(given))
         return self.store.upsert(task, version, ids, vectors, payloads)
 
     async def _with_thumbnails(self, request: schema.IndexRequest, blobs: dict) -> list[dict]:
@@ -225,6 +226,7 @@ class Service:
                     )
                 )
         index_version = hits[0].version if hits else index_version
+        await self.registry.origins.after_search(task, index_version, query)
         warnings = request.filter and await run_in_threadpool(
             filter_warnings, self.store, task, index_version, request.filter
         )  # a filter on a field with no payload index, past the store's threshold
@@ -299,12 +301,7 @@ class Service:
     # -- helpers --------------------------------------------------------------------------------
 
     def _task_infos(self) -> list[dict]:
-        """Every loaded task's info; one unloaded meanwhile is left out, not an error."""
-        infos = []
-        for task in self.registry.names():
-            with contextlib.suppress(TaskNotLoadedError):
-                infos.append(self.registry.info(task))
-        return infos
+        return self.registry.infos()
 
     async def _rows_off_loop(self, texts: list[str], images: list[bytes], *fields):
         """Decode in a worker thread, except a few short texts: tokenising them costs less

@@ -42,8 +42,9 @@ SHRINK = {
     "--pretrain 64",
     "python -m lpi.pretrain": "--preset tiny --epochs 1",
     "python -m lpi.train": "--epochs 1",
-    "python benchmarks/continual.py": "--methods lpi --ranks --tasks 2 --train-per-task 16 "
-    "--test-per-task 8 --pretrain-images 64 --pretrain-epochs 1 --preset tiny --epochs 1",
+    "python benchmarks/continual.py": "--configs lpi-R4 --seeds 0 --backbone tiny --suite classic "
+    "--tasks 2 --fashion-groups --train-per-task 16 --test-per-task 8 --image-size 32 --epochs 1 "
+    "--batch-size 8",
     "python -m export onnx": "--no-fp16",
 }
 

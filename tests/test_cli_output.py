@@ -81,6 +81,8 @@ def test_tasks_list_table_and_json(lpi_cli, served):
         "serving",
         "loaded",
         "vectors",
+        "made",  # made by: the engine/dtype of the vectors ("-": none yet)
+        "by",
         "method",
         "loaded",
         "at",

@@ -1,15 +1,19 @@
 """The fleet as a real Ray Serve application (its logic without Ray: test_fleet_catalog.py).
 
-`python -m server.fleet` with 2 replicas on a local Ray cluster of its own: a task loaded
-through the proxy is served by both replicas within 2 s with the same vectors (and the SDK
-works unchanged); a promote switches /search on both and no answer compares vectors of two
-versions; SIGKILL of a replica, of the store actor, of the catalog actor: each comes back, no
+`python -m server.fleet` with 2 replicas holding 2 tasks each, on a local Ray cluster of its
+own: a task loaded through the proxy is served by both replicas within 2 s with the same
+vectors (and the SDK works unchanged); a promote switches /search on both and no answer
+compares vectors of two versions; more tasks than a replica holds are all served with their
+catalog version, a task's calls routed (Ray Serve's multiplexing header, set by the SDK) to
+the replica holding it; SIGKILL of a replica under SDK writes: every write acknowledged through
+the SDK's retries, none lost; of the store actor, of the catalog actor: each comes back, no
 acknowledged /index or load is lost; a cluster address nobody answers on fails the start in
 one line. Skipped, saying so, where ray is not installed.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.util
 import logging
@@ -25,7 +29,8 @@ import httpx
 import pytest
 import torch
 
-from clients import Client
+from clients import Client, LpiError, RetryPolicy, text_item
+from clients.calls import TASK_ROUTING_HEADER as ROUTING
 from server.fleet.testing import FleetProcess
 from server.testing import free_port
 from tests.fleet_helpers import CONVERGE_S, MIN_COSINE, write_files
@@ -64,6 +69,8 @@ def test_unreachable_cluster_fails_the_start_in_one_line(files, tmp_path):
 # -- a real fleet: Ray Serve, two replicas --------------------------------------------------
 
 FLEET_START_S = 180.0  # Ray, its proxy and two replicas importing torch, on 2 busy cores
+WORKING_SET = 2  # tasks one replica holds: the routing test registers more
+REPLICA_HEADER = "X-LPI-Replica"  # server.fleet.deployment's (which imports ray)
 RETRIED = {409, 500, 502, 503, 504}  # behind, or a replica dying under the request
 
 
@@ -81,6 +88,8 @@ class Fleet(FleetProcess):
                 str(root),
                 "--replicas",
                 "2",
+                "--working-set",
+                str(WORKING_SET),
                 "--replica-cpus",
                 "0.5",
                 "--threads",
@@ -206,20 +215,25 @@ def test_fleet_replica_sigkill_loses_nothing(fleet, files):
     while len(pids) < 2:
         response = fleet.call("GET", "/healthz")
         pids[response.headers["X-LPI-Replica"]] = int(response.headers["X-LPI-Replica-Pid"])
-    acknowledged, statuses, raw, stop = [], [], [], threading.Event()
+    acknowledged, failed, stop = [], [], threading.Event()
+    transports = [Recording() for _ in range(4)]  # one per client: a client closes its own
+    patient = RetryPolicy(retries=100, backoff=0.05, max_backoff=0.5)
 
-    def write() -> None:
+    def write(w: int) -> None:  # through the SDK: what a client sees is what its retries leave
         n = 0
-        while not stop.is_set():
-            n += 1
-            item = {"id": f"k{n}", "text": f"item {n}"}
-            response = fleet.call("POST", "/index", seen=raw, json={"task": "t", "items": [item]})
-            statuses.append(response.status_code)
-            if response.status_code == 200:
-                acknowledged.append(f"k{n}")
+        with Client(fleet.url, retries=patient, transport=transports[w]) as sdk:
+            while not stop.is_set():
+                n += 1
+                ids = [f"k{w}-{n}-{j}" for j in range(8)]  # 8 a call: some are in flight
+                try:
+                    sdk.index("t", [text_item(f"item {i}", id=i) for i in ids])
+                    acknowledged.extend(ids)
+                except LpiError as err:
+                    failed.append(repr(err))
 
-    writer = threading.Thread(target=write)
-    writer.start()
+    writers = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for writer in writers:
+        writer.start()
     time.sleep(1.0)
     os.kill(sorted(pids.values())[0], signal.SIGKILL)
     try:  # Ray replaces the replica; the new one is ready only with its tasks
@@ -228,16 +242,86 @@ def test_fleet_replica_sigkill_loses_nothing(fleet, files):
     finally:
         time.sleep(0.5)
         stop.set()
-        writer.join()
-    assert set(statuses) <= {200}, statuses  # every write answered (retried through 5xx)
-    retried = sorted({str(s) for s in raw} - {"200"})
-    log.info("SIGKILL of a replica: %d writes, retried answers: %s", len(statuses), retried)
-    assert set(retried) <= {"409", "500", "502", "503", "504"}, retried
+        for writer in writers:
+            writer.join()
+    assert not failed, failed  # every write answered, through the SDK's retries
+    seen = collections.Counter()
+    for transport in transports:
+        seen.update(transport.seen)
+    log.info("SIGKILL of a replica: %d ids; answers: %s", len(acknowledged), dict(seen))
+    assert set(seen) <= {"200", "409 retry-after", "503", "500 proxy"}, seen
     ids, version = stored_ids(fleet, "t")
     assert version == versions[2]
     assert acknowledged and set(acknowledged) <= ids
     restarted = [r for r in answers if r not in pids]  # the new replica serves the same version
     assert all(a["prompt_version"] == versions[2] for r in restarted for a in answers[r])
+
+
+class Recording(httpx.HTTPTransport):
+    """Counts the answers a client got, by kind: which of them its retries had to absorb."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, int] = {}
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        response.read()
+        status, kind = response.status_code, str(response.status_code)
+        if status == 409 and "retry-after" in response.headers:
+            kind = "409 retry-after"
+        elif status == 500 and REPLICA_HEADER not in response.headers:
+            kind = "500 proxy"  # Ray's own answer: the replica died under the request
+        self.seen[kind] = self.seen.get(kind, 0) + 1
+        return response
+
+
+def test_fleet_routes_a_task_to_the_replica_holding_it(fleet, files):
+    """More tasks than a replica holds: the SDK names each call's task in Ray Serve's
+    multiplexing header, every call is answered with the catalog's version, and the proxy
+    sends a task's calls to the replica that loaded it; /tasks and /fleet/tasks list every
+    task from any replica."""
+    _, versions = files
+    tasks = {f"w{n}": n % 3 for n in range(2 * WORKING_SET + 1)}
+    for task, n in tasks.items():
+        loaded = fleet.call("PUT", f"/tasks/{task}", json={"path": f"a{n}.safetensors"})
+        assert loaded.status_code == 200, loaded.text
+    listed = {t["task"]: t for t in fleet.call("GET", "/fleet/tasks").json()["tasks"]}
+    assert {t: listed[t]["active_version"] for t in tasks} == {
+        t: versions[n] for t, n in tasks.items()
+    }
+    with Client(fleet.url, retries=RetryPolicy(retries=60, backoff=0.1, max_backoff=0.5)) as sdk:
+        sdk.index("w0", [text_item("stripes", id="p0")])  # its maker noted via the store actor
+        for _ in range(4):  # either replica lists every task, held there or not
+            listed = {info.task: info for info in sdk.list_tasks().tasks}
+            assert set(tasks) <= set(listed)
+            assert listed["w0"].made_by and listed["w0"].made_by == sdk.get_task("w0").made_by
+        for task, n in tasks.items():
+            assert sdk.get_task(task).prompt_version == versions[n]
+            assert sdk.embed_texts(["stripes"], task).prompt_version == versions[n]
+    for task in list(tasks)[:2]:
+        assert routed_to_one_replica(fleet, task, versions[tasks[task]]), task
+
+
+def routed_to_one_replica(fleet: Fleet, task: str, version: str, attempts: int = 3) -> bool:
+    """A call with the header loads the task on one replica; once replicas have reported what
+    they hold (every 0.1 s, later under load), the next calls go to that replica. Under a loaded
+    CI machine a report can come late, so up to `attempts` rounds; chance alone puts 9 of 10
+    calls on a given replica of two in about 1 % of rounds."""
+    body = {"task": task, "texts": ["x"]}
+    for _ in range(attempts):
+        warm = fleet.call("POST", "/embed", json=body, headers={ROUTING: task})
+        assert warm.status_code == 200 and warm.json()["prompt_version"] == version
+        time.sleep(1.0)
+        by_replica: collections.Counter[str] = collections.Counter()
+        for _ in range(10):
+            answer = fleet.call("POST", "/embed", json=body, headers={ROUTING: task})
+            assert answer.status_code == 200 and answer.json()["prompt_version"] == version
+            by_replica[answer.headers[REPLICA_HEADER]] += 1
+        log.info("task %s: warm on %s, then %s", task, warm.headers[REPLICA_HEADER], by_replica)
+        if by_replica[warm.headers[REPLICA_HEADER]] >= 9:
+            return True
+    return False
 
 
 def stored_ids(fleet: Fleet, task: str) -> tuple[set[str], str]:

@@ -11,22 +11,27 @@ recently used go.
 from __future__ import annotations
 
 import os
+import random
 import time
 
 import pytest
 import torch
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
 from server.app import Assembly, build_service
-from server.errors import refusal_of
+from server.errors import install_error_handlers, refusal_of
+from server.fleet import routes as fleet_routes
 from server.fleet.artifacts import ArtifactStore, ArtifactStoreError
 from server.fleet.catalog import CatalogBook
 from server.fleet.link import BookLink
 from server.fleet.registry import CatalogSyncError, FleetRegistry
 from server.metrics import Metrics
 from server.settings import Settings
-from server.store import QdrantStore
+from server.store import QdrantStore, StoreError, UnknownTaskError
 from tests.fleet_helpers import CONVERGE_S, MIN_COSINE, wait_for, write_files
 from tests.server_helpers import run
+from wire import schema
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +194,7 @@ def test_corrupt_copy_stays_behind_until_fixed(pair, files):
     assert embed(b)["prompt_version"] == versions[2]
     a.registry.load("u", root / "a0.safetensors")  # a task B never loaded (its file is not
     wait_for(lambda: "missing" in str(b.registry.failures()))  # in B's folder) ...
-    assert b.registry.unload("u") == []  # ... can still be unloaded through B
+    assert b.registry.unload("u") == [versions[0]]  # ... can still be unloaded through B
     wait_for(lambda: "u" not in a.registry and not b.registry.failures())
 
 
@@ -216,3 +221,119 @@ def test_working_set_loads_cold_tasks_and_lets_the_oldest_go(pair, files):
     a.registry.load("t", root / "a2.safetensors")  # replaced while cold on B
     wait_for(lambda: served("t") is not None)
     assert served("t")["prompt_version"] == versions[2]  # never the version it had before
+
+
+@pytest.mark.parametrize("pair", [True], indirect=True)
+def test_a_cold_task_unloaded_with_its_vectors_loses_them(pair, files):
+    a, b, _, _ = pair
+    root, versions = files
+    a.registry.load("t", root / "a0.safetensors")
+    items = [{"id": f"p{i}", "text": text} for i, text in enumerate(["a red square", "stripes"])]
+    run(a.index(schema.IndexRequest(task="t", items=items)))
+    assert b.store.count("t", versions[0]) == 2  # one store: B sees A's vectors
+    wait_for(lambda: "t" in b.registry.catalog())
+    assert "t" not in b.registry  # cold on B: it never held the task
+    assert b.registry.info("t") == a.registry.info("t")  # GET /tasks/t: from the catalog
+    assert [i["task"] for i in run(b.list_tasks())["tasks"]] == ["t"]  # GET /tasks
+    assert "t" not in b.registry  # described, not loaded
+    assert b.registry.unload("t", delete_vectors=True) == [versions[0]]
+    with pytest.raises(UnknownTaskError):  # deleted through the store, not only unlisted
+        b.store.count("t", versions[0])
+    wait_for(lambda: "t" not in a.registry)
+
+
+@pytest.mark.parametrize("pair", [True], indirect=True)
+def test_a_cold_task_unload_fails_naming_the_store(pair, files, monkeypatch):
+    a, b, _, link = pair
+    root, _ = files
+    a.registry.load("t", root / "a0.safetensors")
+    wait_for(lambda: "t" in b.registry.catalog())
+    before = {k: v for k, v in link.snapshot()[1]["t"].items() if k != "generation"}
+
+    def down(task):
+        raise StoreError("the vector store is unavailable: connection refused")
+
+    monkeypatch.setattr(b.store, "delete_task", down)
+    with pytest.raises(StoreError) as refused:
+        b.registry.unload("t", delete_vectors=True)
+    assert refusal_of(refused.value).status == 503
+    # removed from the catalog before the delete (A stops taking writes), listed again after
+    # it failed: the same entry, so every replica ends where it was and the unload can retry
+    after = {k: v for k, v in link.snapshot()[1]["t"].items() if k != "generation"}
+    assert after == before
+    wait_for(lambda: "t" in b.registry.catalog() and "t" in a.registry)
+
+
+@pytest.mark.parametrize("pair", [True], indirect=True)
+def test_many_tasks_a_working_set_and_the_catalog_view(pair, files):
+    """60 catalog tasks (their entries published as another replica would), B holding 1:
+    B's `hold` (what Ray Serve's multiplexing calls before a routed request) loads each
+    cold task with the catalog's version, never another; the catalog view lists them all."""
+    a, b, _, link = pair
+    root, versions = files
+    uris = [a.registry.artifacts.put(root / f"a{i}.safetensors") for i in range(3)]
+    expected = {}
+    for n in range(60):
+        i = n % 3
+        link.publish(f"task-{n}", versions[i], None, {versions[i]: uris[i]})
+        expected[f"task-{n}"] = versions[i]
+    wait_for(lambda: len(b.registry.catalog()) == 60, timeout_s=3 * CONVERGE_S)
+    assert not b.registry.hold("nope", 1.0)  # not in the catalog: nothing to load
+    with pytest.raises(CatalogSyncError):  # an entry without its facts: loaded to describe it
+        b.registry.info("task-1")
+    assert not run(b.registry.hold_async("nope", 1.0))
+    rng = random.Random(0)
+    for n, task in enumerate(rng.sample(sorted(expected), 12)):
+        if n == 0:  # the app's wait (async: no thread held) gives up; the load goes on
+            run(b.registry.hold_async(task, 0.0))
+            wait_for(lambda t=task: t in b.registry, timeout_s=30.0)  # a load, not the 2 s promise
+        held = run(b.registry.hold_async(task, 30.0)) if n % 2 else b.registry.hold(task, 30.0)
+        assert held
+        assert run(b.embed(task, ["stripes"], []))["prompt_version"] == expected[task]
+        assert len(b.registry) <= 1
+    replaced = next(t for t in expected if expected[t] != versions[0] and t not in b.registry)
+    link.publish(replaced, versions[0], None, {versions[0]: uris[0]})  # while cold on B
+    wait_for(lambda: b.registry.catalog()[replaced]["active"] == versions[0])
+    assert b.registry.hold(replaced, 30.0)
+    assert run(b.embed(replaced, ["x"], []))["prompt_version"] == versions[0]
+
+    app = FastAPI()
+    app.state.service, app.state.settings = b, Settings.model_construct(api_key=None)
+    install_error_handlers(app)
+    app.include_router(fleet_routes.router)
+    with TestClient(app) as http:
+        listed = http.get("/fleet/tasks").json()["tasks"]
+        assert len(listed) == 60 and sum(t["held_here"] for t in listed) == 1
+        one = http.get(f"/fleet/tasks/{replaced}").json()
+        assert one["active_version"] == versions[0] and one["held_here"]
+        assert one["versions"] == {versions[0]: uris[0]}
+        missing = http.get("/fleet/tasks/nope")
+        assert missing.status_code == 404 and missing.json()["error"]["field"] == "task"
+
+
+def test_remote_store_serves_every_store_method_the_server_calls():
+    """In a fleet with the embedded store every replica's store is a `RemoteStore`: a method
+    the server calls (or probes with getattr, which then finds nothing and skips the feature)
+    that the store actor does not serve would be silently lost (made_by, payload indexes)."""
+    import re
+    from pathlib import Path
+
+    from server.fleet.store_actor import METHODS, RemoteStore
+    from server.store.task_versions import Store
+
+    root = Path(__file__).resolve().parents[1] / "server"
+    called = set()
+    for path in root.rglob("*.py"):
+        if path.parent.name == "store":  # the store's own internals
+            continue
+        text = path.read_text()
+        called |= set(re.findall(r"store\.(\w+)\(", text))
+        called |= set(re.findall(r"getattr\([\w.]*store, \"(\w+)\"", text))
+    wanted = {name for name in called if callable(getattr(Store, name, None))}
+    assert {"record_origin", "origins", "upsert", "search"} <= wanted  # the scan sees them
+    remote = RemoteStore(actor=None)
+    missing = sorted(n for n in wanted if n not in METHODS and n not in vars(RemoteStore))
+    assert missing == []
+    assert callable(remote.origins) and callable(remote.record_origin)
+    with pytest.raises(AttributeError):
+        remote.not_a_store_method  # noqa: B018

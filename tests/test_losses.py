@@ -44,12 +44,28 @@ def test_layer_contrast_prefers_aligned_layers(generator):
     assert aligned < shuffled
 
 
-def test_task_targets_median_threshold_and_diagonal():
+def test_task_targets_fixed_threshold_and_diagonal():
     similarity = torch.tensor([[1.0, 0.9, 0.1], [0.9, 1.0, 0.5], [0.1, 0.5, 1.0]])
-    targets = losses.task_targets(similarity)  # off-diagonal median 0.5: only 0.9 is above
+    targets = losses.task_targets(similarity)  # default 0.5, strict: 0.5 itself is negative
     expected = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
     assert torch.equal(targets, expected)
     assert torch.equal(losses.task_targets(similarity, threshold=0.05), torch.ones(3, 3).bool())
+    # Fixed, not a statistic of S: all-similar tasks stay all positive (a median would split
+    # them), and the diagonal is positive even under a threshold above 1.
+    close = torch.full((3, 3), 0.9).fill_diagonal_(1.0)
+    assert torch.equal(losses.task_targets(close), torch.ones(3, 3).bool())
+    assert torch.equal(losses.task_targets(close, threshold=2.0), torch.eye(3).bool())
+
+
+def test_layer_contrast_is_finite_for_zero_mean_prompts():
+    """A layer whose per-token mean over D is exactly 0 (what a LayerNorm outputs) must give a
+    finite loss and gradient: the eps (1e-6) normalisation keeps 0/0 out."""
+    prompts_v = torch.randn(3, 4, 8, dtype=torch.float64)
+    prompts_v = (prompts_v - prompts_v.mean(-1, keepdim=True)).requires_grad_(True)
+    prompts_t = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    loss = losses.layer_contrast_loss(prompts_v, prompts_t)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(prompts_v.grad).all()
 
 
 def test_task_constraint_is_class_balanced_bce(generator):

@@ -112,6 +112,44 @@ def test_every_protected_route_checks_the_key_before_reading_the_body(
         assert error.get("field", error.get("param")) == "authorization", where
 
 
+def test_a_protected_request_checks_its_key_once(tiny_runs, artifacts, tmp_path, monkeypatch):
+    """The key-first check and the declared dependency share one comparison per request."""
+    import hmac
+    import types
+
+    from server.routes import deps
+
+    compared = []
+
+    def compare_digest(a, b):
+        compared.append(a)
+        return hmac.compare_digest(a, b)
+
+    monkeypatch.setattr(deps, "hmac", types.SimpleNamespace(compare_digest=compare_digest))
+    app = make_app(tiny_runs, artifacts, tmp_path)
+    protected = [
+        (method.upper(), path.replace("{task}", "t"))
+        for path, operations in app.openapi()["paths"].items()
+        for method in operations
+        if path not in PUBLIC
+    ]
+
+    async def scenario():
+        async with running(app) as client:
+            counts = []
+            for method, path in protected:
+                compared.clear()
+                answer = await client.request(
+                    method, path, content=b"{not json", headers={"content-type": JSON, **KEYS}
+                )
+                counts.append((method, path, answer.status_code, len(compared)))
+            return counts
+
+    for method, path, status, count in run(scenario()):
+        assert status not in (401, 403), (method, path, status)  # the key was accepted
+        assert count == 1, (method, path, count)  # the admin key: one comparison, once
+
+
 # -- every 4xx names a field -------------------------------------------------------------------
 
 

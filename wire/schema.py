@@ -279,6 +279,12 @@ class TaskInfo(Reply):
     has_keys: bool = Field(description="Whether the task can be chosen by task='auto'.")
     loaded_at: float = Field(description="Unix time of the load.")
     vectors: int = Field(description="Vectors stored under the serving version.")
+    made_by: list[str] = Field(
+        default_factory=list,
+        description="What made the serving version's vectors, engine/dtype ('torch/float32', "
+        "'onnx/int8'; 'external' for vectors sent with /index); more than one when they were "
+        "indexed under several; empty when not recorded.",
+    )
 
 
 class TaskFailure(Reply):

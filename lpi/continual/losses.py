@@ -14,7 +14,9 @@ from torch import Tensor
 LAYER_WEIGHT = 0.1
 TASK_WEIGHT = 0.1
 LAYER_SCALE = 100.0
+LAYER_EPS = 1e-6  # of the L2 normalisation of z_m[j]
 TASK_TAU = 0.05
+TASK_THRESHOLD = 0.5  # Y = S > threshold, fixed and recorded by the run
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
@@ -27,10 +29,12 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
 def layer_contrast_loss(prompts_v: Tensor, prompts_t: Tensor) -> Tensor:
     """Hierarchical low-rank contrast: image layer j must match text layer j and no other.
 
-    z_m[j] = mean over D of P'_m[j] (a vector of N), L2-normalised; G = 100 Z_v Z_t^T.
+    z_m[j] = mean over D of the RAW P_m[j] (a vector of N), L2-normalised with eps 1e-6;
+    G = 100 Z_v Z_t^T. Raw, not P': the interaction's LayerNorm makes P''s per-token mean
+    exactly 0 at init, and normalising that amplifies rounding noise into huge gradients.
     """
-    z_v = F.normalize(prompts_v.mean(dim=-1), dim=-1)  # [J, N]
-    z_t = F.normalize(prompts_t.mean(dim=-1), dim=-1)
+    z_v = F.normalize(prompts_v.mean(dim=-1), dim=-1, eps=LAYER_EPS)  # [J, N]
+    z_t = F.normalize(prompts_t.mean(dim=-1), dim=-1, eps=LAYER_EPS)
     logits = LAYER_SCALE * z_v @ z_t.T  # [J, J]
     target = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
@@ -42,13 +46,9 @@ def task_similarity(description_features: Tensor) -> Tensor:
     return unit @ unit.T
 
 
-def task_targets(similarity: Tensor, threshold: float | None = None) -> Tensor:
-    """Y = S > threshold (default: median off-diagonal similarity), diagonal positive."""
-    count = similarity.shape[0]
-    eye = torch.eye(count, dtype=torch.bool, device=similarity.device)
-    if threshold is None:
-        off_diagonal = similarity[~eye]
-        threshold = float(off_diagonal.median()) if off_diagonal.numel() else 0.0
+def task_targets(similarity: Tensor, threshold: float = TASK_THRESHOLD) -> Tensor:
+    """Y = S > threshold (a fixed threshold, never a statistic of S), diagonal positive."""
+    eye = torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device)
     return (similarity > threshold) | eye
 
 
@@ -64,7 +64,7 @@ def _balanced_bce(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def task_constraint_loss(
-    task_prompts_v: Tensor,  # [K, J*N*D_v] flattened P'_v of tasks 0..k
+    task_prompts_v: Tensor,  # [K, J*N*D_v] flattened raw P_v of tasks 0..k
     task_prompts_t: Tensor,  # [K, J*N*D_t]
     targets: Tensor,  # [K, K] bool
     tau: float = TASK_TAU,
@@ -89,7 +89,8 @@ def lpi_loss(
     task_loss: Tensor | None = None,
     use_layer_loss: bool = True,
 ) -> dict[str, Tensor]:
-    """The total and its parts; `task_loss` is None for the first task (k = 0)."""
+    """The total and its parts; `prompts_*` are the RAW P_m (before the interaction),
+    `task_loss` is None for the first task (k = 0) or when the run has no task similarity."""
     parts = {"clip": clip_loss(image_features, text_features, logit_scale)}
     if use_layer_loss:
         parts["layer"] = layer_contrast_loss(prompts_v, prompts_t)

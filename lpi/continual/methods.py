@@ -8,8 +8,9 @@ stays frozen and earlier tasks' prompts enter only detached, so only task k lear
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
@@ -80,14 +81,27 @@ def single_task_prefix(
     return batch_prefix([prefix], rows)
 
 
+def raw_prompts_of(prompts: nn.Module) -> tuple[Tensor, Tensor]:
+    """(P_v, P_t) of a TaskPrompts or DensePrompts module (typed for callers holding a Module)."""
+    raw_prompts = cast("Callable[[], tuple[Tensor, Tensor]]", prompts.raw_prompts)
+    return raw_prompts()
+
+
+def prompt_pair(prompts: nn.Module) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """(raw P_v, P_t) and (P'_v, P'_t): the losses read the raw ones, the encoders the others."""
+    raw = raw_prompts_of(prompts)
+    interaction = getattr(prompts, "interaction", None)
+    return raw, (interaction(*raw) if interaction is not None else raw)
+
+
 def task_constraint(
     current: tuple[Tensor, Tensor], earlier: list[nn.Module], targets: Tensor
 ) -> Tensor | None:
-    """L_task for the current task's prompts against detached earlier tasks' (None at k = 0)."""
+    """L_task for the current task's raw prompts against detached earlier tasks' (None at k = 0)."""
     if not earlier:
         return None
     with torch.no_grad():
-        old = [module() for module in earlier]
+        old = [raw_prompts_of(module) for module in earlier]
     flat_v = torch.stack([*(v.reshape(-1) for v, _ in old), current[0].reshape(-1)])  # [K, JND]
     flat_t = torch.stack([*(t.reshape(-1) for _, t in old), current[1].reshape(-1)])
     return losses.task_constraint_loss(flat_v, flat_t, targets)
@@ -102,17 +116,43 @@ def step_loss(
     targets: Tensor | None,
     spec: MethodSpec,
 ) -> dict[str, Tensor]:
-    """The LPI loss of one batch: L_clip + 0.1 L_layer + 0.1 [k >= 1] L_task."""
-    prompts_v, prompts_t = prompts()  # P'_v [J, N, D_v], P'_t [J, N, D_t], once per step
-    image_prefix, text_prefix = single_task_prefix(backbone, prompts_v, prompts_t, len(pixels))
+    """The LPI loss of one batch: L_clip + 0.1 L_layer + 0.1 [k >= 1] L_task.
+
+    `targets` is None when the run has no task similarity (L_task off)."""
+    raw, interacted = prompt_pair(prompts)  # once per step
+    image_prefix, text_prefix = single_task_prefix(backbone, *interacted, len(pixels))
     image = backbone.encode_image(pixels, image_prefix)
     text = backbone.encode_text(tokens, text_prefix)
     task = None
     if spec.task_loss and targets is not None:
-        task = task_constraint((prompts_v, prompts_t), earlier, targets)
-    return losses.lpi_loss(
-        image, text, backbone.logit_scale, prompts_v, prompts_t, task, spec.layer_loss
-    )
+        task = task_constraint(raw, earlier, targets)
+    return losses.lpi_loss(image, text, backbone.logit_scale, *raw, task, spec.layer_loss)
+
+
+def gradient_ratios(parts: dict[str, Tensor], prompts: nn.Module) -> dict[str, dict[str, float]]:
+    """Per auxiliary term, per factor: |grad of its weighted term| / |grad of L_clip|.
+
+    The weighted term (0.1 L_layer, 0.1 L_task) is what the optimiser sees. A ratio far
+    below 0.01 means the term does nothing; far above 10 means it swamps retrieval.
+    """
+    weights = {"layer": losses.LAYER_WEIGHT, "task": losses.TASK_WEIGHT}
+    named = [(n, p) for n, p in prompts.named_parameters() if "." not in n and p.requires_grad]
+    names, params = [n for n, _ in named], [p for _, p in named]
+
+    def norms(loss: Tensor) -> list[float]:
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return [0.0 if g is None else float(g.float().norm()) for g in grads]
+
+    clip = norms(parts["clip"])
+    ratios = {}
+    for term, weight in weights.items():
+        if term in parts:
+            term_norms = norms(weight * parts[term])
+            ratios[term] = {
+                n: (t / c if c > 0 else float("nan"))
+                for n, t, c in zip(names, term_norms, clip, strict=True)
+            }
+    return ratios
 
 
 def cosine_schedule(

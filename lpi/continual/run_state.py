@@ -25,7 +25,9 @@ from lpi import atomic
 from lpi.config import PromptConfig
 from lpi.routing import TaskKeys
 
-RUN_FORMAT = 1
+# 2: L_task's rule (task_threshold, similarity, similarity_from_descriptions) is recorded. A
+# format-1 run.json has none of it: resuming one would train on under a rule it never named.
+RUN_FORMAT = 2
 
 
 class RunError(ValueError):
@@ -48,6 +50,11 @@ class RunConfig:
     weight_decay: float
     seed: int
     format: int = RUN_FORMAT
+    task_threshold: float = 0.5  # L_task's Y = S > threshold
+    eval_split: str = "test"  # the split each evaluation read ("val" in a learning-rate sweep)
+    lr_source: str | None = None  # the sweep file lr came from, if any
+    similarity: dict | None = None  # L_task's S: source, tasks, matrix used, threshold
+    similarity_from_descriptions: bool = False  # S asked of the text tower (no file given)
 
     def prompt_config(self) -> PromptConfig:
         return PromptConfig(**self.prompt)
@@ -92,7 +99,10 @@ def load_state(folder: Path) -> RunState | None:
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise RunError(f"{path}: not a readable run file ({err})") from err
     if config.format != RUN_FORMAT:
-        raise RunError(f"{path}: run format {config.format}, this version reads {RUN_FORMAT}")
+        raise RunError(
+            f"{path}: run format {config.format}, this version reads {RUN_FORMAT} (format 1 did"
+            " not record L_task's similarity or threshold): train into a new run folder"
+        )
     return RunState(
         config, data.get("done", []), data.get("results", []), data.get("parameters_per_task", 0)
     )

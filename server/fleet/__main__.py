@@ -155,7 +155,10 @@ def _deploy(settings, scratch_root: str | None) -> list:
         store = ray.remote(StoreActor).options(name=STORE_ACTOR, max_concurrency=16, **restart)
         handles.append(store.remote(store_settings))
     ray.get([handle.__ray_ready__.remote() for handle in handles])
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.start(
+        http_options={"host": settings.host, "port": settings.port},
+        logging_config=settings.serve_logging(),
+    )
     scaling: dict = {"num_replicas": settings.replicas}
     if settings.max_replicas is not None:
         scaling = {
@@ -171,7 +174,11 @@ def _deploy(settings, scratch_root: str | None) -> list:
         **scaling,
     )
     app = deployment.bind(
-        settings.replica_settings(), str(shared), scratch_root, settings.working_set
+        settings.replica_settings(),
+        str(shared),
+        scratch_root,
+        settings.working_set,
+        settings.artifact_store,
     )
     serve.run(app, name=APP_NAME, route_prefix="/")
     log.info(

@@ -8,7 +8,8 @@ book in a Ray actor: changes are serialised there, each bumps a generation, and 
 long-poll `changes(since)` so a change reaches every replica in milliseconds (push), with a
 full `snapshot()` now and then as the safety net (reconcile).
 
-An entry is `{"active": v, "serving": v, "versions": {v: uri}, "generation": g}`; an unloaded
+An entry is `{"active": v, "serving": v, "versions": {v: uri}, "info": {...}, "generation": g}`
+(`info`: the active version's facts GET /tasks shows, absent in older entries); an unloaded
 task leaves a tombstone `{"deleted": true, "generation": g}` so followers learn of it.
 """
 
@@ -30,6 +31,7 @@ log = logging.getLogger("server.fleet.catalog")
 
 CATALOG_DIR = "catalog"
 CATALOG_FORMAT = 1
+MAX_INFO_CHARS = 4096
 
 
 class CatalogError(ArtifactStoreError):
@@ -53,10 +55,20 @@ class CatalogBook:
             self.entries[path.stem] = data["entry"]
         self.generation = max((e["generation"] for e in self.entries.values()), default=0)
 
-    def publish(self, task: str, active: str, serving: str | None, versions: dict) -> int:
-        """Set a task's entry (checked first: nothing refused is written); the generation."""
+    def publish(
+        self, task: str, active: str, serving: str | None, versions: dict, info: dict | None = None
+    ) -> int:
+        """Set a task's entry (checked first: nothing refused is written); the generation.
+
+        `info`: what GET /tasks shows of the active version (layers, tokens, ...), so a replica
+        that does not hold the task can list it without reading its artifact."""
         self._check(task, active, serving, versions)
-        return self._set(task, {"active": active, "serving": serving, "versions": dict(versions)})
+        entry = {"active": active, "serving": serving, "versions": dict(versions)}
+        if info is not None:
+            if not isinstance(info, dict) or len(json.dumps(info, default=str)) > MAX_INFO_CHARS:
+                raise CatalogError(f"task {task!r}: info must be a small object", "info")
+            entry["info"] = info
+        return self._set(task, entry)
 
     def remove(self, task: str) -> int:
         if task not in self.live():
@@ -102,10 +114,10 @@ class CatalogActor:
         self._changed = asyncio.Condition()
         log.info("catalog at generation %d, %d tasks", self.book.generation, len(self.book.live()))
 
-    async def publish(self, task: str, active: str, serving: str | None, versions: dict):
+    async def publish(self, task: str, active: str, serving: str | None, versions: dict, info=None):
         """The new generation, or ("error", field, message) for a refused entry."""
         try:
-            generation = self.book.publish(task, active, serving, versions)
+            generation = self.book.publish(task, active, serving, versions, info)
         except ArtifactStoreError as err:
             return ("error", err.field, str(err))
         await self._notify()

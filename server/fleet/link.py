@@ -24,9 +24,9 @@ class BookLink:
         self.book = book
         self._changed = threading.Condition()
 
-    def publish(self, task: str, active: str, serving: str | None, versions: dict) -> int:
+    def publish(self, task, active, serving, versions, info=None) -> int:
         with self._changed:
-            generation = self.book.publish(task, active, serving, versions)
+            generation = self.book.publish(task, active, serving, versions, info)
             self._changed.notify_all()
             return generation
 
@@ -52,8 +52,8 @@ class ActorLink:
     def __init__(self, actor) -> None:
         self.actor = actor
 
-    def publish(self, task: str, active: str, serving: str | None, versions: dict) -> int:
-        answer = self._call("publish", task, active, serving, versions)
+    def publish(self, task, active, serving, versions, info=None) -> int:
+        answer = self._call("publish", task, active, serving, versions, info)
         if isinstance(answer, tuple) and answer and answer[0] == "error":
             raise CatalogError(answer[2], answer[1])
         return answer

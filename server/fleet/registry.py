@@ -18,28 +18,38 @@ With a working set (`working_set`, tasks held at most), a replica holds only the
 asked for: a request on a catalog task it does not hold is answered 409 + Retry-After while a
 worker thread loads the task (cold), first unloading here the least recently used tasks that
 no request holds; catalog changes are applied only to the tasks held, the rest are known.
+`hold` loads a task before a request routed here by Ray Serve's multiplexing reaches the app.
+GET /tasks lists every catalog task: one not held here is described from its catalog entry
+(the facts of its artifact are published with it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from export import ArtifactError
 from server.engine import EngineError
 from server.fleet.artifacts import ArtifactStore
-from server.registry import RegistryError, TaskRegistry
-from server.store import StoreError
+from server.registry import RegistryError, TaskNotLoadedError, TaskRegistry
+from server.store import StoreError, UnknownTaskError
 
 log = logging.getLogger("server.fleet.registry")
 
 FOLLOW_POLL_S = 2.0  # one long-poll of the catalog at most (it answers at once on a change)
 RECONCILE_S = 5.0  # a full snapshot at least this often
 APPLY_FAILURES = (ArtifactError, EngineError, RegistryError, StoreError, OSError)
+
+
+COUNTERS = 16  # store calls at once when GET /tasks counts vectors (the store actor's 16)
+# What GET /tasks shows that is not read from the artifact (the rest is kept in the catalog).
+LIVE_INFO = {"task", "prompt_version", "serving_version", "loaded_versions", "vectors", "made_by"}
 
 
 class CatalogSyncError(RegistryError):
@@ -63,6 +73,8 @@ class FleetRegistry(TaskRegistry):
         self._known: dict[str, dict] = {}  # the catalog's live entries
         self._used: OrderedDict[str, None] = OrderedDict()  # tasks held, least recent first
         self._cold = ThreadPoolExecutor(1, thread_name_prefix="cold-load")
+        self._loading: dict[str, Future] = {}  # cold loads started, by task
+        self._loading_lock = threading.Lock()
         self.link, self.artifacts, self.reconcile_s = link, artifacts, reconcile_s
         self.generation = 0  # the catalog generation this replica has applied
         self.restore_failures: list[str] = []  # restore()'s answer (updated in place)
@@ -90,13 +102,32 @@ class FleetRegistry(TaskRegistry):
             self._publish(task)
 
     def unload(self, task, *, delete_vectors=False):
-        """Unload here and from the catalog; a task this replica failed to load (the catalog
-        names it, this replica does not hold it) is removed from the catalog all the same."""
+        """Unload here and from the catalog; a catalog task this replica does not hold (cold,
+        or failed to load) is removed from the catalog all the same, then its vectors deleted
+        through the store when asked: removed first, so the replicas holding it stop taking
+        its writes (a store outage: 503, and the entry is published again, still listed)."""
         with self._fleet:
             if task not in self and (task in self._behind or task in self._known):
+                entry = dict(self._known.get(task, {}))
+                versions = sorted(entry.get("versions", {}))
                 self.link.remove(task)
+                if delete_vectors:
+                    try:
+                        with contextlib.suppress(UnknownTaskError):  # never indexed
+                            self.store.delete_task(task)
+                    except Exception:
+                        if "active" in entry:  # retryable: listed as before
+                            self.link.publish(
+                                task,
+                                entry["active"],
+                                entry["serving"],
+                                entry["versions"],
+                                entry.get("info"),
+                            )
+                        raise
+                self._known.pop(task, None)
                 self._clear(task)
-                return []
+                return versions
             versions = super().unload(task, delete_vectors=delete_vectors)
             self.link.remove(task)
             self._used.pop(task, None)
@@ -108,7 +139,8 @@ class FleetRegistry(TaskRegistry):
             files = {v: state.versions[v].file for v in state.needed() if v in state.versions}
             active, serving = state.active, state.serving
         uris = {version: self.artifacts.put(file) for version, file in files.items()}
-        self.link.publish(task, active, serving if serving in uris else None, uris)
+        facts = {k: v for k, v in TaskRegistry.info(self, task).items() if k not in LIVE_INFO}
+        self.link.publish(task, active, serving if serving in uris else None, uris, facts)
         self._clear(task)
         self._used[task] = None
         self._used.move_to_end(task)
@@ -137,13 +169,110 @@ class FleetRegistry(TaskRegistry):
         """A catalog task this replica does not hold: load it (in the background) and say so."""
         if not self.working_set or task in self or task not in self._known:
             return
-        if task not in self._behind:
-            self._behind[task] = "is loading the task (cold)"
-            self._cold.submit(self._load_cold, task)
+        self._start_cold(task)
         raise CatalogSyncError(f"task {task!r}: this replica is loading it; retry", field="task")
 
+    def _start_cold(self, task: str) -> Future | None:
+        """The cold load of `task` under way, started now unless the task is behind already
+        (a failed load is retried by the reconcile, not by every request)."""
+        with self._loading_lock:
+            if task not in self._behind:
+                self._behind[task] = "is loading the task (cold)"
+                self._loading[task] = self._cold.submit(self._load_cold, task)
+            future = self._loading.get(task)
+            return None if future is None or future.done() else future
+
+    def hold(self, task: str, timeout_s: float) -> bool:
+        """Make sure this replica holds `task`, loading it now if it is a catalog task it does
+        not hold (waiting at most `timeout_s`); whether it is held. Called before a request
+        that names its task (Ray Serve's multiplexing: the proxy then routes the task's
+        requests here), so a routed request finds its task warm instead of a 409."""
+        if not self.working_set or task in self or task not in self._known:
+            return task in self
+        future = self._start_cold(task)
+        if future is not None:
+            with contextlib.suppress(FutureTimeout):
+                future.result(timeout_s)
+        return task in self and task not in self._behind
+
+    async def hold_async(self, task: str, timeout_s: float) -> bool:
+        """`hold` for the event loop: the wait holds no thread (cold loads run one at a time,
+        so a burst of requests for cold tasks would pin a worker thread each for up to
+        `timeout_s` and starve every other request of the pool)."""
+        if not self.working_set or task in self or task not in self._known:
+            return task in self
+        future = self._start_cold(task)
+        if future is not None:
+            waited = asyncio.shield(asyncio.wrap_future(future))  # a timeout leaves it loading
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(waited, timeout_s)
+        return task in self and task not in self._behind
+
+    # -- what GET /tasks shows: every catalog task, held here or not -------------------------
+
+    def names(self) -> list[str]:
+        """The tasks held here and every task of the catalog this replica can describe."""
+        listed = {t for t, e in dict(self._known).items() if "info" in e}
+        return sorted(listed | set(TaskRegistry.names(self)))
+
+    def infos(self) -> list[dict]:
+        """GET /tasks: the tasks held here, then every other catalog task this replica can
+        describe, their vectors counted in parallel (one store call each)."""
+        described = {t: e for t, e in dict(self._known).items() if "info" in e}
+        held = {}
+        for task in TaskRegistry.names(self):  # not self.names(): those held here only
+            with contextlib.suppress(TaskNotLoadedError):
+                held[task] = TaskRegistry.info(self, task)
+        cold = sorted(set(described) - set(held))
+        stored_many = getattr(self.store, "stored_many", None)  # the store actor: one call
+        if stored_many is not None:
+            stored = stored_many([(t, described[t]["serving"]) for t in cold])
+        else:
+            with ThreadPoolExecutor(COUNTERS, thread_name_prefix="count") as pool:
+                stored = list(pool.map(lambda t: self._stored(t, described[t]["serving"]), cold))
+        for task, live in zip(cold, stored, strict=True):
+            held[task] = self._described(task, described[task], live)
+        return [held[task] for task in sorted(held)]
+
+    def info(self, task: str) -> dict:
+        """A held task's info; a catalog task not held here, from its catalog entry (vectors
+        counted in the store); an older entry without its facts is loaded here first (409 +
+        Retry-After meanwhile)."""
+        if task in self:
+            with contextlib.suppress(TaskNotLoadedError):  # unloaded meanwhile: the catalog
+                return TaskRegistry.info(self, task)
+        entry = self._known.get(task)
+        if entry is None or "info" not in entry:
+            if entry is not None:
+                self._gate([task])  # cold or behind: 409 + Retry-After
+            return TaskRegistry.info(self, task)  # TaskNotLoadedError, as in one process
+        return self._described(task, entry, self._stored(task, entry["serving"]))
+
+    def _stored(self, task: str, serving: str | None) -> dict:
+        """What the store says of a task's serving version (as `TaskRegistry.info` reads it)."""
+        return {"vectors": self._count(task, serving), "made_by": self._made_by(task, serving)}
+
+    @staticmethod
+    def _described(task: str, entry: dict, stored: dict) -> dict:
+        return (
+            entry["info"]
+            | stored
+            | {
+                "task": task,
+                "prompt_version": entry["active"],
+                "serving_version": entry["serving"],
+                "loaded_versions": sorted(entry["versions"]),
+            }
+        )
+
+    def catalog(self) -> dict[str, dict]:
+        """The fleet's tasks as the catalog has them (this replica's copy, at most
+        `reconcile_s` old): task -> {active, serving, versions: {version: uri}}."""
+        return {t: dict(e) for t, e in dict(self._known).items()}
+
     def _load_cold(self, task: str) -> None:
-        with self._fleet:
+        with self._fleet, contextlib.ExitStack() as done:
+            done.callback(lambda: self._loading.pop(task, None))
             entry = self._known.get(task)
             if entry is None or task in self:
                 self._clear(task)
@@ -202,12 +331,14 @@ class FleetRegistry(TaskRegistry):
                     generation, entries = self.link.changes(self.generation, FOLLOW_POLL_S)
                 self._catch_up(generation, entries, full)
             except Exception:  # the catalog restarting, a store outage: try again shortly
+                if self._stop.is_set():  # closing: the store may be closed under us
+                    return
                 log.exception("following the catalog failed; retrying")
                 self._stop.wait(0.5)
 
     def _catch_up(self, generation: int, entries: dict[str, dict], full: bool) -> None:
         if full:  # tasks gone from the catalog while we did not listen
-            gone = set(self._known) | set(self.names())
+            gone = set(self._known) | set(TaskRegistry.names(self))
             entries = {**{t: {"deleted": True} for t in gone}, **entries}
         with self._fleet:
             for task, entry in entries.items():

@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import CliApp, CliSettingsSource, SettingsConfigDict
 
+from server.fleet.artifacts import filesystem, split_location
 from server.settings import Settings, _add_argument
 
 
@@ -56,6 +57,14 @@ class FleetSettings(Settings):
         "(embedded stores) the vectors. On a multi-node cluster, a shared mount. Default: "
         "data_dir/fleet.",
     )
+    artifacts: str | None = Field(
+        None,
+        description="The artifact store every replica reads task artifacts from: a shared "
+        "directory, file://..., or an fsspec URL (s3://bucket/prefix, gs://bucket/prefix, "
+        "az://container/prefix: needs s3fs, gcsfs or adlfs; credentials from their usual "
+        "environment). Not --artifact-dir (where PUT /tasks paths are read). Default: "
+        "fleet_dir/artifacts.",
+    )
 
     @model_validator(mode="after")
     def _fleet_consistent(self) -> FleetSettings:
@@ -67,11 +76,27 @@ class FleetSettings(Settings):
             raise ValueError("min_replicas must not exceed max_replicas")
         if self.store == "memory":
             raise ValueError("store=memory cannot be shared by replicas: use local, edge or a URL")
+        protocol = split_location(self.artifacts or "")[0]
+        if protocol == "memory":
+            raise ValueError("artifacts=memory:// is one process's own: use a folder or a bucket")
+        if protocol != "file":
+            filesystem(self.artifacts)  # a missing package is named at start, not per replica
         return self
 
     @property
     def shared_dir(self) -> Path:
         return self.fleet_dir or self.data_dir / "fleet"
+
+    @property
+    def artifact_store(self) -> str:
+        """The artifact store's location (a folder or a URL); the catalog stays in
+        shared_dir/artifacts/catalog, held by one actor."""
+        return self.artifacts or str(self.shared_dir / "artifacts")
+
+    def serve_logging(self) -> dict:
+        """Ray Serve's own logs (proxy and replicas) at the server's level; its access log
+        (one record per request in two processes) follows --access-log."""
+        return {"log_level": self.log_level.upper(), "enable_access_log": self.access_log}
 
     def replica_settings(self) -> Settings:
         """What each replica's app gets: the server's settings, inbox made explicit (the

@@ -13,6 +13,7 @@ themselves, so the error map gives the same status and field as in one process.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -21,7 +22,8 @@ from server.store import contract
 
 log = logging.getLogger("server.fleet.store")
 
-# The `VectorStore` methods a replica may call; anything else is not there (AttributeError).
+# The store methods a replica may call; anything else is not there (AttributeError), which
+# callers probing with getattr (`server.origins`, payload indexes) take as "not supported".
 METHODS = frozenset(
     {
         "ensure_task",
@@ -36,6 +38,11 @@ METHODS = frozenset(
         "delete_version",
         "delete_task",
         "existing_ids",
+        "record_origin",  # provenance: what made a version's vectors (made_by)
+        "origins",
+        "ensure_declared",  # payload indexes declared in the settings, made at first write
+        "unindexed_filter",
+        "request_index",
     }
 )
 RETRY_FOR_S = 60.0  # how long a call waits for a restarting store actor
@@ -58,6 +65,20 @@ class StoreActor:
             return ("ok", getattr(self.store, method)(*args, **kwargs))
         except contract.StoreError as err:
             return ("error", (type(err), str(err), err.field))
+
+    def stored_many(self, pairs: list[tuple[str, str | None]]) -> list[dict]:
+        """What the store says of many (task, version) pairs in one call (GET /tasks over
+        thousands of tasks): {vectors, made_by} each; 0 and [] for a version not given or not
+        stored, as `TaskRegistry` reads them."""
+        out = []
+        for task, version in pairs:
+            stored = {"vectors": 0, "made_by": []}
+            if version is not None:
+                with contextlib.suppress(contract.StoreError):
+                    stored["vectors"] = self.store.count(task, version)
+                    stored["made_by"] = self.store.origins(task, version)
+            out.append(stored)
+        return out
 
     def ready(self) -> bool:
         return True
@@ -86,6 +107,15 @@ class RemoteStore:
             cls, message, field = value
             raise cls(message, field)
         return value
+
+    def stored_many(self, pairs: list[tuple[str, str | None]]) -> list[dict]:
+        import ray
+        from ray.exceptions import RayError
+
+        try:
+            return ray.get(self.actor.stored_many.remote(pairs))
+        except RayError as err:  # restarting: GET /tasks answers 503, the client retries
+            raise contract.StoreError(f"the store actor is unavailable: {err}") from None
 
     def close(self) -> None:
         """The actor's store outlives every replica: closing a replica closes nothing."""

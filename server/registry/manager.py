@@ -26,10 +26,12 @@ from export.artifact import is_content_version
 from lpi.routing import TaskKeys, usable_centres
 from server.engine import Engine, EngineError, Key
 from server.metrics import Metrics
+from server.origins import OriginWatch
 from server.registry.errors import (
     InvalidArtifactError,
     RegistryError,
     TaskBusyError,
+    TaskNotLoadedError,
     VersionNotIndexedError,
     VersionNotLoadedError,
     check_task_name,
@@ -60,6 +62,7 @@ class TaskRegistry:
         self.store = store
         self.backbone = backbone
         self.metrics = metrics
+        self.origins = OriginWatch(engine, store, metrics)  # what made the stored vectors
         self.drain_timeout_s = drain_timeout_s
         self.state = StateDir(state_dir)
         self.versions = VersionTable(drop=engine.remove, changed=self._set_gauges)
@@ -104,7 +107,16 @@ class TaskRegistry:
             "has_keys": bool(loaded.artifact.keys),
             "loaded_at": loaded.loaded_at,
             "vectors": self._count(task, serving),
+            "made_by": self._made_by(task, serving),
         }
+
+    def infos(self) -> list[dict]:
+        """Every loaded task's info (GET /tasks); one unloaded meanwhile is left out."""
+        infos = []
+        for task in self.names():
+            with suppress(TaskNotLoadedError):
+                infos.append(self.info(task))
+        return infos
 
     def serving_version(self, task: str) -> str | None:
         return self.versions.require(task).serving
@@ -171,13 +183,16 @@ class TaskRegistry:
                     )
                 if active == version and not promote:
                     return version, False
+                had_copy = not fresh or self.state.artifact(task, version).exists()
                 if fresh:
                     held = self._add_to_engine(task, artifact, source)
                 try:
                     serving = self._ensure_stored(task, version, promote)
                 except Exception:
-                    if fresh:
+                    if fresh:  # leave no trace: the engine's slot and a copy this load made
                         self.engine.remove(key)
+                        if not had_copy:
+                            self.state.drop_copy(task, version)
                     raise
                 previous = self.versions.switch(task, held, serving)
             finally:
@@ -233,15 +248,32 @@ class TaskRegistry:
                     f"{self.drain_timeout_s:g} s; nothing was unloaded, retry later",
                     field="task",
                 )
+            if delete_vectors:  # before the task leaves: a failure leaves it listed, retryable
+                self._delete_vectors(task)
             versions = self.versions.remove(task)
+            self.origins.forget(task)
             self._unrestored.pop(task, None)
             self._forget_failures(task)
             self._save_state()
-            if delete_vectors:
-                with suppress(UnknownTaskError):  # never indexed
-                    self.store.delete_task(task)
             log.info("task %s unloaded (versions %s)", task, versions)
             return versions
+
+    def _delete_vectors(self, task: str) -> None:
+        """Drop the task's vectors for an unload; on failure the task serves on (reopened) and
+        the error says so: running the unload again finishes the delete."""
+        try:
+            with suppress(UnknownTaskError):  # never indexed, or deleted by an earlier try
+                self.store.delete_task(task)
+        except Exception as err:
+            self.versions.reopen(task)
+            log.exception("task %s: deleting its vectors failed; nothing was unloaded", task)
+            known = isinstance(err, StoreError)  # its message is the store's; others may hold paths
+            why = str(err) if known else f"{type(err).__name__}, see the server log"
+            raise (type(err) if known else StoreError)(
+                f"task {task!r}: deleting its vectors failed ({why}); the task is still loaded, "
+                "retry the unload",
+                "task",
+            ) from err
 
     def restore(self) -> list[str]:
         """Reload the tasks of `registry.json`; returns what failed (logged, not fatal)."""
@@ -386,6 +418,12 @@ class TaskRegistry:
             return self.store.count(task, version)
         except StoreError:
             return 0
+
+    def _made_by(self, task: str, version: str | None) -> list[str]:
+        read = getattr(self.store, "origins", None)
+        with suppress(StoreError):
+            return read(task, version) if read is not None and version is not None else []
+        return []
 
     def _save_state(self) -> None:
         with self.versions.lock:

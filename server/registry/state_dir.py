@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import shutil
+from contextlib import suppress
 from pathlib import Path
 
 from lpi import atomic
@@ -46,6 +47,14 @@ class StateDir:
         with atomic.atomic_path(target) as temp:
             shutil.copyfile(source, temp)
         return target
+
+    def drop_copy(self, task: str, version: str) -> None:
+        """Remove a kept copy (a load that failed after making it), and its task's folder if
+        that is left empty."""
+        target = self.artifact(task, version)
+        target.unlink(missing_ok=True)
+        with suppress(OSError):  # not empty: other versions of the task are kept there
+            target.parent.rmdir()
 
     def save(self, tasks: dict[str, dict]) -> None:
         """Rewrite registry.json: task -> {"active": version, "versions": {version: file}}."""

@@ -48,10 +48,25 @@ def _check(request: Request, wanted: SecretStr | None, role: str) -> None:
         raise WrongKeyError(f"wrong {role} key", "authorization")
 
 
+# The scope's record of the key checks a request passed: `KeyFirstRoute` runs a route's check
+# before the body is read, and FastAPI would run it again as the declared dependency. A pass
+# is noted with the app whose keys it checked: the scope travels into a mounted sub-app, which
+# may hold other keys and must check them itself.
+CHECKED = "lpi.keys_checked"
+
+
+def _passed(request: Request, check) -> bool:
+    return (check, id(request.app)) in request.scope.get(CHECKED, ())
+
+
+def _note(request: Request, check) -> None:
+    request.scope.setdefault(CHECKED, set()).add((check, id(request.app)))
+
+
 async def require_api_key(request: Request) -> None:
     """Query endpoints: the API key if one is set (the admin key is accepted too)."""
     settings = request.app.state.settings
-    if settings.api_key is None:
+    if settings.api_key is None or _passed(request, require_api_key):
         return
     admin = settings.admin_key
     given = _presented_key(request)
@@ -60,18 +75,23 @@ async def require_api_key(request: Request) -> None:
         and given is not None
         and hmac.compare_digest(given.encode(), admin.get_secret_value().encode())
     ):
+        _note(request, require_api_key)
         return
     _check(request, settings.api_key, "API")
+    _note(request, require_api_key)
 
 
 async def require_admin_key(request: Request) -> None:
     """Task load, promote and unload: the admin key if one is set, else the API key if that
     is set (an API key never leaves the admin routes open)."""
     settings = request.app.state.settings
+    if _passed(request, require_admin_key):
+        return
     if settings.admin_key is not None:
         _check(request, settings.admin_key, "admin")
     else:
         _check(request, settings.api_key, "API")
+    _note(request, require_admin_key)
 
 
 KEY_CHECKS = (require_api_key, require_admin_key)
@@ -81,7 +101,8 @@ class KeyFirstRoute(APIRoute):
     """Runs the route's key check before FastAPI reads or validates the body, so a caller
     without the key gets 401/403 and learns nothing of how its body would fare (FastAPI parses
     a JSON body before it runs any dependency). The check stays declared as the route's
-    dependency, where it runs once more: a constant-time comparison."""
+    dependency (for any route class), where it finds the request's scope noting that it
+    passed, and compares nothing again."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()

@@ -11,7 +11,8 @@ Two layouts:
   version is a point of the catalog, which one upsert replaces atomically.
 
 Both keep a catalog collection `lpi@catalog` (one point per task version: its dimension and
-collection; the layout the store was made with), so nothing is parsed out of collection names
+collection; one per maker of its vectors, `provenance`; the layout the store was made with),
+so nothing is parsed out of collection names
 and several server processes sharing a Qdrant server see the same state. Every point carries
 `task`, `prompt_version` and the caller's `id`. A search reads one version's vectors only: its
 own collection in the first layout, a filter on task and version in the second (the first
@@ -65,6 +66,7 @@ from server.store.payloads import (
     readable,
     user_payload,
 )
+from server.store.provenance import Origins
 from server.store.tuning import SearchOptions
 
 PLAIN = SearchOptions()
@@ -136,7 +138,7 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-class Store(PayloadIndexes, ExistingIds):
+class Store(PayloadIndexes, ExistingIds, Origins):
     """`VectorStore` over any `Backend`.
 
     Thread safety: calls that change what exists (ensure, promote, delete) are serialised by a
@@ -386,12 +388,9 @@ class Store(PayloadIndexes, ExistingIds):
                 self._backend.delete(entry["collection"], self._scope(entry))
             else:
                 self._backend.drop_collection(entry["collection"])
-        catalog_entry = {
-            "kind": "version",
-            TASK_KEY: entry[TASK_KEY],
-            VERSION_KEY: entry[VERSION_KEY],
-        }
-        self._backend.delete(self._catalog, catalog_entry)
+        # Its entry and its makers' points (`provenance`) in one delete; no serving point names it
+        version_points = {TASK_KEY: entry[TASK_KEY], VERSION_KEY: entry[VERSION_KEY]}
+        self._backend.delete(self._catalog, version_points)
 
     # -- layouts ---------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ class Scene:
     """One image: its ground, its objects, the attributes its captions name, and captions."""
 
     ground: RGB
-    style: str  # "plain" or "grid"
+    style: str  # "plain", "grid" or "fade"
     things: tuple[Thing, ...]
     attributes: dict[str, str]
     captions: tuple[str, ...]
@@ -130,11 +130,14 @@ def _pattern(texture: str, size: int, origin: tuple[float, float]) -> np.ndarray
 
 
 def _ground(scene: Scene, size: int) -> np.ndarray:
-    """Float [S, S, 3]: the ground colour, pixel noise, and for "grid" a 3x3 grid of lines."""
+    """Float [S, S, 3]: the ground colour, pixel noise, for "grid" a 3x3 grid of lines, for
+    "fade" a darkening towards the bottom."""
     rng = np.random.default_rng(scene.seed)
     canvas = np.empty((size, size, 3), np.float32)
     canvas[:] = scene.ground
     canvas += rng.normal(0, 5, size=(size, size, 1)).astype(np.float32)
+    if scene.style == "fade":  # darker towards the bottom
+        canvas *= np.linspace(1.0, 0.7, size, dtype=np.float32)[:, None, None]
     if scene.style == "grid":
         width = max(1, size // 32)
         for k in (1, 2):

@@ -4,9 +4,17 @@ Fashion-MNIST has ten classes and no captions, and a caption that only names the
 shared by hundreds of test images, so recall@1 would mean nothing. Each garment is therefore
 tinted with a named colour over a named background ("a red sneaker on a teal background"); test
 images draw distinct (class, colour, background) combinations. Shapes and textures are real,
-colours are synthetic. Tasks are groups of classes: tops, footwear, other.
+colours are synthetic. Tasks are groups of classes: tops, footwear, other. A val split, when
+asked for, draws distinct combinations from training-file images that train does not use.
+
+Every group's captions vary garment, colour and background; colour is the object's, as in the
+synthetic tasks, so a group's families are its own garments and "background"
+(`task_families`): two groups are 1/3 similar, and each is 1/3 similar to a synthetic task
+about backgrounds. The generator writes task_families.json and task_similarity.json beside
+the manifest; `lpi.continual.data.combine` appends these tasks to a synthetic set.
 
 The IDX files are read from the package's install path (or --root); nothing is downloaded.
+Where they are absent the CLI says so, naming the package, and exits with status 2.
 
     sudo apt-get install dataset-fashion-mnist
     python -m lpi.continual.data.fashion_mnist --out data/fashion --seed 0
@@ -25,8 +33,12 @@ import numpy as np
 from PIL import Image
 
 from lpi.continual.data.manifest import Record, write_manifest
-from lpi.continual.data.synthetic import MIN_CONTRAST, unique_fraction, with_articles
-from lpi.continual.data.synthetic_tasks import BACKGROUNDS, COLOURS
+from lpi.continual.data.synthetic import (
+    unique_fraction,
+    with_articles,
+    write_task_similarity,
+)
+from lpi.continual.data.synthetic_tasks import BACKGROUNDS, COLOURS, MIN_CONTRAST
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +63,24 @@ TEMPLATES = (
     "a {background} background with a {colour} {garment}",
 )
 _IDX_TYPES = {0x08: np.uint8}
+PACKAGE = "dataset-fashion-mnist"  # Debian's package of the IDX files
+SOURCE = "fashion-mnist: Jaccard of each group's families (its garments, background)"
+
+
+def task_families(task: str) -> frozenset[str]:
+    """A group's families beyond the object's colour: its own garments and the background."""
+    return frozenset({f"garments ({task})", "background"})
+
+
+def available(root: str | Path = DEFAULT_ROOT) -> bool:
+    """Whether the four IDX files are there (else install PACKAGE or pass another root)."""
+    try:
+        for prefix in FILES.values():
+            _find(Path(root), f"{prefix}-images-idx3-ubyte")
+            _find(Path(root), f"{prefix}-labels-idx1-ubyte")
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -86,7 +116,7 @@ def _find(root: Path, stem: str) -> Path:
         if (root / name).is_file():
             return root / name
     raise FileNotFoundError(
-        f"{root / stem}(.gz) not found: install Debian's dataset-fashion-mnist or pass --root"
+        f"{root / stem}(.gz) not found: install Debian's {PACKAGE} or pass --root"
     )
 
 
@@ -113,23 +143,35 @@ def captions(attrs: dict) -> tuple[str, ...]:
 
 
 def _plan(
-    task: str, split: str, count: int, labels: np.ndarray, rng: np.random.Generator
+    task: str,
+    split: str,
+    count: int,
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    walks: dict | None = None,
 ) -> list[tuple[int, dict]]:
-    """(image index, attributes) pairs: distinct combinations for test, images never reused."""
+    """(image index, attributes) pairs: distinct combinations for val and test, images never
+    reused. `walks` (label -> iterator over its images) is filled when empty and consumed, so
+    a later split that passes the same dict never reuses an image of an earlier one."""
     pool = combinations(task)
-    if split == "test" and count > len(pool):
-        log.warning("%s: %d test images but only %d distinct combinations", task, count, len(pool))
-    if split == "test":
+    distinct = split in ("val", "test")
+    if distinct and count > len(pool):
+        log.warning(
+            "%s: %d %s images, only %d distinct combinations", task, count, split, len(pool)
+        )
+    if distinct:
         picks = np.concatenate([rng.permutation(len(pool)) for _ in range(-(-count // len(pool)))])
     else:
         picks = rng.integers(len(pool), size=count)
-    unused = {
-        label: iter(rng.permutation(np.flatnonzero(labels == label))) for label in TASKS[task]
-    }
+    walks = {} if walks is None else walks
+    if not walks:
+        walks.update(
+            {label: iter(rng.permutation(np.flatnonzero(labels == label))) for label in TASKS[task]}
+        )
     plan = []
     for pick in picks[:count]:
         attrs = pool[pick]
-        index = next(unused[attrs["label"]], None)
+        index = next(walks[attrs["label"]], None)
         if index is None:
             raise ValueError(f"{task}/{split}: not enough {CLASSES[attrs['label']]} images")
         plan.append((int(index), attrs))
@@ -142,19 +184,30 @@ def generate(
     train_per_task: int = 1000,
     test_per_task: int = 100,
     seed: int = 0,
+    val_per_task: int = 0,
 ) -> dict[str, float]:
-    """Write PNGs and manifest.jsonl; return each task's fraction of unique test captions."""
+    """Write PNGs, manifest.jsonl, task_families.json and task_similarity.json; return each
+    task's fraction of unique test captions. Val images come from the training file, never
+    one that train uses; train and test draw exactly as they did before val existed."""
     out = Path(out)
     (out / "manifest.jsonl").unlink(missing_ok=True)
     records, unique = [], {}
-    for split, count in (("train", train_per_task), ("test", test_per_task)):
-        images, labels = load_split(root, split)
+    splits = (("train", train_per_task), ("val", val_per_task), ("test", test_per_task))
+    for split, count in splits:
+        if split == "val" and not count:
+            continue
+        images, labels = load_split(root, "train" if split == "val" else split)
         for number, task in enumerate(TASKS):
             rng = np.random.default_rng([seed, number, split == "test"])
+            walks: dict = {}
+            if split == "val":  # replay train's walk through the file: no image reused
+                _plan(task, "train", train_per_task, labels, rng, walks)
+                rng = np.random.default_rng([seed, number, 2])
             folder = out / "images" / task / split
             folder.mkdir(parents=True, exist_ok=True)
             split_records = []
-            for position, (index, attrs) in enumerate(_plan(task, split, count, labels, rng)):
+            plan = _plan(task, split, count, labels, rng, walks)
+            for position, (index, attrs) in enumerate(plan):
                 path = folder / f"{position:05d}.png"
                 tint(images[index], attrs["colour"], attrs["background"]).save(path)
                 split_records.append(Record(path, captions(attrs), task, split))
@@ -163,28 +216,37 @@ def generate(
                 unique[task] = unique_fraction(split_records)
     order = {task: rank for rank, task in enumerate(TASKS)}
     write_manifest(out / "manifest.jsonl", sorted(records, key=lambda r: order[r.task]))
+    write_task_similarity(out, {task: task_families(task) for task in TASKS}, SOURCE)
     return unique
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lpi.continual.data.fashion_mnist",
         description="Tinted Fashion-MNIST with captions: three class-group tasks.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--root", default=str(DEFAULT_ROOT), help="folder of the IDX files")
     parser.add_argument("--train-per-task", type=int, default=1000)
+    parser.add_argument("--val-per-task", type=int, default=100)
     parser.add_argument("--test-per-task", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    unique = generate(args.out, args.root, args.train_per_task, args.test_per_task, args.seed)
+    if not available(args.root):
+        log.error("no Fashion-MNIST IDX files in %s: install Debian's %s", args.root, PACKAGE)
+        return 2
+    unique = generate(
+        args.out, args.root, args.train_per_task, args.test_per_task, args.seed, args.val_per_task
+    )
     for task, fraction in unique.items():
         print(
             f"{task}: {len(combinations(task))} combinations, unique test captions {fraction:.1%}"
         )
     print(f"wrote {args.out}/manifest.jsonl")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -18,11 +18,19 @@ task prompts have something to learn: a frozen tower cannot tell apart captions 
 only in words it never saw, and prompts cannot create that distinction, but they can learn new
 grounds, binding and task-specific combinations of words it knows.
 
-Test images draw distinct attribute combinations (without replacement), so no two test images
-of a task share a caption's meaning and recall@1 is well defined. Everything is a function of
-the seed.
+That is the "classic" suite, the default (tests and the demo bundle build on it, byte for
+byte). The "bench" suite (`lpi.continual.data.synthetic_bench`) adds two tasks, val splits,
+related and unrelated task pairs on purpose, and a pretraining set whose captions use every
+word the tasks use, on varied grounds. Every run writes task_families.json and the true task
+similarity, task_similarity.json, beside the manifest.
+
+Val and test images draw distinct attribute combinations (without replacement), so no two
+images of such a split share a caption's meaning and recall@1 is well defined. Everything is
+a function of the seed.
 
     python -m lpi.continual.data.synthetic --out data/synthetic --tasks 4 --seed 0
+    python -m lpi.continual.data.synthetic --out data/bench --suite bench --image-size 32 \
+        --pretrain 10000
 """
 
 from __future__ import annotations
@@ -46,22 +54,47 @@ from lpi import atomic
 from lpi.continual.control import NO_CONTROL, Control
 from lpi.continual.data.drawing import RGB, Scene, render
 from lpi.continual.data.manifest import Record, write_manifest
+from lpi.continual.data.synthetic_bench import (
+    BENCH_PRETRAIN,
+    BENCH_TASKS,
+    bench_caption,
+    bench_pretrain_extras,
+    families,
+    plural,
+    similarity_matrix,
+)
 from lpi.continual.data.synthetic_tasks import (  # re-exported: the benchmark's vocabulary
     COLOURS,
+    MIN_CONTRAST,
     POSITIONS,
     PRETRAIN,
-    TASK_NAMES,
     TASKS,
     TaskSpec,
     pretrain_extras,
-    task_spec,
+)
+from lpi.continual.data.synthetic_tasks import (
+    TASK_NAMES as TASK_NAMES,
 )
 
 log = logging.getLogger(__name__)
 
 _BEFORE_VOWEL = re.compile(r"\ba (?=[aeiou])")
-MIN_CONTRAST = 90.0  # RGB distance below which an object colour is not drawn on a ground
 CAPTIONS_PER_IMAGE = 3
+# suite -> (its pretraining set, its tasks, default images per task of train, val, test)
+SUITES: dict[str, tuple[TaskSpec, tuple[TaskSpec, ...], tuple[int, int, int]]] = {
+    "classic": (PRETRAIN, TASKS, (1000, 0, 200)),
+    "bench": (BENCH_PRETRAIN, BENCH_TASKS, (1000, 200, 500)),
+}
+
+
+def task_spec(name: str) -> TaskSpec:
+    """The task (or pretraining set) of this name in any suite."""
+    for pretrain, tasks, _ in SUITES.values():
+        for task in (pretrain, *tasks):
+            if task.name == name:
+                return task
+    known = sorted({t.name for p, ts, _ in SUITES.values() for t in (p, *ts)})
+    raise ValueError(f"unknown synthetic task {name!r}; choose from {', '.join(known)}")
 
 
 # --- attribute sampling and captions -----------------------------------------------------------
@@ -93,13 +126,26 @@ def captions_for(
     task: TaskSpec, attrs: dict, rng: np.random.Generator, count: int
 ) -> tuple[str, ...]:
     """`count` captions from distinct templates; each names every attribute of the scene."""
+    if task is BENCH_PRETRAIN:  # phrasings drawn at random; distinct when a few tries allow
+        drawn: list[str] = []
+        for _ in range(4 * count):
+            caption = with_articles(bench_caption(attrs, rng))
+            if caption not in drawn:
+                drawn.append(caption)
+            if len(drawn) == count:
+                break
+        return tuple(drawn)
     where = POSITIONS[attrs["position"]][1] if "position" in attrs else ""
     if task is PRETRAIN:  # optional attributes: adjectives and a trailing position phrase
         where = " " + where if where else ""
     adjectives = "".join(f"{attrs[key]} " for key in ("size", "texture") if key in attrs)
     chosen = rng.choice(len(task.templates), size=min(count, len(task.templates)), replace=False)
     return tuple(
-        with_articles(task.templates[i].format(**attrs, where=where, adjectives=adjectives))
+        with_articles(
+            task.templates[i].format(
+                **attrs, where=where, adjectives=adjectives, plural=plural(attrs["shape"])
+            )
+        )
         for i in chosen
     )
 
@@ -116,14 +162,15 @@ def make_scenes(
     task = task_spec(name)
     pool = combinations(name)
     rng = np.random.default_rng([seed, _stable_id(name), _stable_id(split)])
-    picks = (
-        _distinct(rng, len(pool), count, name) if split == "test" else _any(rng, len(pool), count)
-    )
+    distinct = split in ("val", "test")  # evaluated splits: every caption names one image
+    picks = _distinct(rng, len(pool), count, name) if distinct else _any(rng, len(pool), count)
     scenes = []
     for index in picks:
         attrs = dict(pool[index])  # a copy: the pool is cached
         if task is PRETRAIN:
             attrs = pretrain_extras(attrs, rng)
+        elif task is BENCH_PRETRAIN:
+            attrs = bench_pretrain_extras(attrs, rng)
         ground, style = task.ground(attrs, rng)
         things = task.compose(attrs, rng)
         captions = captions_for(task, attrs, rng, captions_per_image)
@@ -159,35 +206,47 @@ def unique_fraction(records: list[Record]) -> float:
 
 def generate(
     out: str | Path,
-    tasks: int = len(TASKS),
-    train_per_task: int = 1000,
-    test_per_task: int = 200,
+    tasks: int | None = None,
+    train_per_task: int | None = None,
+    test_per_task: int | None = None,
     pretrain: int = 4000,
     image_size: int = 64,
     seed: int = 0,
     progress: bool = False,
     control: Control = NO_CONTROL,
+    suite: str = "classic",
+    val_per_task: int | None = None,
 ) -> dict:
-    """Write PNGs, manifest.jsonl (tasks), pretrain.jsonl, synthetic.json; return the summary.
+    """Write PNGs, manifest.jsonl (tasks), pretrain.jsonl, synthetic.json, task_families.json
+    and task_similarity.json; return the summary.
 
-    `control` is stepped after each image: cancelling it stops between two images.
+    `suite` picks the task set ("classic": the first four tasks and a pretraining set without
+    backgrounds, what tests and the demo use; "bench": six tasks with related pairs, val
+    splits, and pretraining on every word the tasks use). `tasks` takes the suite's first
+    ones (None: all); None sizes take the suite's defaults. `control` is stepped after each
+    image: cancelling it stops between two images.
     """
-    if not 1 <= tasks <= len(TASKS):
-        raise ValueError(f"tasks must be in 1..{len(TASKS)}, got {tasks}")
-    if min(train_per_task, pretrain) < 1 or test_per_task < 0:
-        raise ValueError("train_per_task and pretrain must be >= 1, test_per_task >= 0")
+    if suite not in SUITES:
+        raise ValueError(f"suite must be one of {', '.join(SUITES)}, got {suite!r}")
+    pretrain_spec, suite_tasks, (train_default, val_default, test_default) = SUITES[suite]
+    tasks = len(suite_tasks) if tasks is None else tasks
+    train_per_task = train_default if train_per_task is None else train_per_task
+    val_per_task = val_default if val_per_task is None else val_per_task
+    test_per_task = test_default if test_per_task is None else test_per_task
+    if not 1 <= tasks <= len(suite_tasks):
+        raise ValueError(f"tasks must be in 1..{len(suite_tasks)}, got {tasks}")
+    if min(train_per_task, pretrain) < 1 or min(test_per_task, val_per_task) < 0:
+        raise ValueError("train_per_task and pretrain must be >= 1, val and test >= 0")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("manifest.jsonl", "pretrain.jsonl", "synthetic.json"):
+    for name in (*OUTPUTS, "synthetic.json"):
         (out / name).unlink(missing_ok=True)  # no stale manifest over half-rewritten images
-    plan = [
-        (task.name, split, n)
-        for task in TASKS[:tasks]
-        for split, n in (("train", train_per_task), ("test", test_per_task))
-    ]
+    chosen = suite_tasks[:tasks]
+    sizes = (("train", train_per_task), ("val", val_per_task), ("test", test_per_task))
+    plan = [(task.name, split, n) for task in chosen for split, n in sizes if n or split != "val"]
     # One pretrain test image per shape-colour pair at most, so its captions stay unique.
-    pretrain_test = min(test_per_task, len(combinations("pretrain")))
-    plan += [("pretrain", "train", pretrain), ("pretrain", "test", pretrain_test)]
+    pretrain_test = min(test_per_task, len(combinations(pretrain_spec.name)))
+    plan += [(pretrain_spec.name, "train", pretrain), (pretrain_spec.name, "test", pretrain_test)]
     start = time.perf_counter()
     total = sum(n for *_, n in plan)
     bar = tqdm(total=total, unit="img", disable=None if progress else True)
@@ -199,15 +258,39 @@ def generate(
 
     records = {key[:2]: _write_split(out, *key, image_size, seed, tick) for key in plan}
     bar.close()
-    task_records = [r for (name, _), rs in records.items() if name != "pretrain" for r in rs]
+    pretrain_name = pretrain_spec.name
+    task_records = [r for (name, _), rs in records.items() if name != pretrain_name for r in rs]
     write_manifest(out / "manifest.jsonl", task_records)
     write_manifest(
-        out / "pretrain.jsonl", records["pretrain", "train"] + records["pretrain", "test"]
+        out / "pretrain.jsonl", records[pretrain_name, "train"] + records[pretrain_name, "test"]
     )
-    summary = _summary(records, tasks, train_per_task, test_per_task, pretrain, image_size, seed)
+    write_task_similarity(out, {task.name: families(task) for task in chosen}, SOURCE)
+    summary = _summary(records, suite, chosen, sizes, pretrain, image_size, seed)
     summary["seconds"] = round(time.perf_counter() - start, 2)
     atomic.write_json(out / "synthetic.json", summary)
     return summary
+
+
+OUTPUTS = ("manifest.jsonl", "pretrain.jsonl", "task_families.json", "task_similarity.json")
+SOURCE = (
+    "synthetic: Jaccard of the attribute families each task's captions vary beyond shape and colour"
+)
+
+
+def write_task_similarity(out: Path, task_families: dict[str, frozenset[str]], source: str) -> None:
+    """task_families.json (task -> its families, for combining datasets) and the true task
+    similarity, task_similarity.json (through `lpi.continual.similarity.write_similarity`, the
+    format the trainer reads), both beside manifest.jsonl."""
+    atomic.write_json(
+        out / "task_families.json", {task: sorted(f) for task, f in task_families.items()}
+    )
+    try:
+        from lpi.continual.similarity import write_similarity
+    except ImportError:  # a trainer without similarity files: nothing would read it
+        log.warning("lpi.continual.similarity is not installed: no task_similarity.json")
+        return
+    matrix = similarity_matrix(task_families)
+    write_similarity(out / "task_similarity.json", list(task_families), matrix, source)
 
 
 def _write_split(
@@ -225,25 +308,34 @@ def _write_split(
 
 
 def _summary(
-    records: dict, tasks: int, train: int, test: int, pretrain: int, size: int, seed: int
+    records: dict,
+    suite: str,
+    tasks: tuple[TaskSpec, ...],
+    sizes: tuple[tuple[str, int], ...],
+    pretrain: int,
+    size: int,
+    seed: int,
 ) -> dict:
-    return {
+    names = [task.name for task in tasks]
+    summary = {
         "seed": seed,
         "image_size": size,
-        "tasks": list(TASK_NAMES[:tasks]),
-        "train_per_task": train,
-        "test_per_task": test,
+        "tasks": names,
+        **{f"{split}_per_task": n for split, n in sizes},
         "pretrain": pretrain,
         "captions_per_image": CAPTIONS_PER_IMAGE,
-        "combinations": {
-            name: len(combinations(name)) for name in ("pretrain", *TASK_NAMES[:tasks])
-        },
+        "combinations": {name: len(combinations(name)) for name in (SUITES[suite][0].name, *names)},
         "unique_test_captions": {
             name: round(unique_fraction(rs), 4)
             for (name, split), rs in records.items()
             if split == "test"
         },
     }
+    if suite != "classic":  # the classic summary stays as it was, byte for byte
+        summary = {"suite": suite, **summary}
+    else:
+        del summary["val_per_task"]
+    return summary
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -252,21 +344,31 @@ def _parser() -> argparse.ArgumentParser:
         description="Write a synthetic continual retrieval dataset: PNGs and JSONL manifests.",
     )
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument(
-        "--tasks", type=int, default=len(TASKS), help=f"1..{len(TASKS)}: {', '.join(TASK_NAMES)}"
+    suites = "; ".join(
+        f"{name}: {', '.join(t.name for t in tasks)} (train/val/test {'/'.join(map(str, n))})"
+        for name, (_, tasks, n) in SUITES.items()
     )
-    parser.add_argument("--train-per-task", type=int, default=1000)
+    parser.add_argument(
+        "--suite",
+        choices=tuple(SUITES),
+        default="classic",
+        help=f"task set (default classic). {suites}",
+    )
+    parser.add_argument("--tasks", type=int, help="the suite's first N tasks (default: all)")
+    parser.add_argument("--train-per-task", type=int, help="default: the suite's")
+    parser.add_argument(
+        "--val-per-task", type=int, help="default: the suite's; distinct combinations like test"
+    )
     parser.add_argument(
         "--test-per-task",
         type=int,
-        default=200,
-        help="per task; pretrain gets at most one per shape-colour pair",
+        help="default: the suite's; pretrain gets at most one per shape-colour pair",
     )
     parser.add_argument(
-        "--pretrain", type=int, default=4000, help="pretraining images (no backgrounds, one object)"
+        "--pretrain", type=int, default=4000, help="pretraining images (default 4000)"
     )
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=64, help="pixels (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="of everything drawn (default 0)")
     return parser
 
 
@@ -282,6 +384,8 @@ def main(argv: list[str] | None = None) -> None:
         args.image_size,
         args.seed,
         progress=True,
+        suite=args.suite,
+        val_per_task=args.val_per_task,
     )
     for name, fraction in summary["unique_test_captions"].items():
         combos = summary["combinations"][name]

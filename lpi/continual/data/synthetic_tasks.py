@@ -23,6 +23,7 @@ COLOURS: dict[str, RGB] = {
     "white": (245, 245, 245),
     "brown": (130, 80, 35),
 }
+MIN_CONTRAST = 90.0  # RGB distance below which an object colour is not drawn on a ground
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "heart")
 TEXTURES = ("plain", "striped", "spotted", "checked", "wavy")
 SIZES = {"small": 0.10, "medium": 0.16, "large": 0.27}  # object radius / image side

@@ -1,0 +1,301 @@
+"""The "bench" suite of the synthetic benchmark: six tasks with related and unrelated pairs on
+purpose, a pretraining set whose captions use every word the tasks use, and the tasks' true
+similarity.
+
+Every task names its objects' shape and colour; what sets a task apart is the other attribute
+families its captions vary (`FAMILIES`). Two of them share "background" (sizes-backgrounds and
+backgrounds-positions), three share "size", shapes-colours shares nothing with any other. The
+true task similarity is the Jaccard index of those family sets (`similarity_matrix`).
+
+The pretraining set ("pretrain-bench") draws single objects (sometimes two, or a few of one
+kind) on varied grounds: a named background (either palette) with probability 0.4, otherwise an
+unnamed grey, dark, light or random colour, so features learnt on it keep the ground. Its
+captions name shape and colour and, each with some probability, size, texture, position,
+background and count, in phrasings that together use every word of every task's templates
+(tests check it), so no token the tasks use keeps its random initial embedding. The tasks'
+exact templates and combinations stay unseen, so prompts still have something to learn.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations as pairs
+
+import numpy as np
+
+from lpi.continual.data.drawing import RGB, Thing
+from lpi.continual.data.synthetic_tasks import (
+    BACKGROUNDS,
+    COLOURS,
+    MIN_CONTRAST,
+    POSITIONS,
+    SHAPE_COLOUR,
+    SHAPES,
+    SIZES,
+    TASKS,
+    TEXTURES,
+    TaskSpec,
+    _anywhere,
+    _jitter,
+    _pair_things,
+    _thing,
+)
+
+BACKGROUNDS_2: dict[str, RGB] = {  # the named grounds of "backgrounds-positions", drawn as a fade
+    "navy": (25, 35, 100),
+    "forest": (30, 85, 45),
+    "plum": (95, 40, 95),
+    "rust": (165, 75, 30),
+    "sky": (120, 180, 235),
+    "ochre": (205, 160, 40),
+}
+COUNTS = {"two": 2, "three": 3, "four": 4, "five": 5}
+_CELLS = [((c + 0.5) / 3, (r + 0.5) / 2) for r in range(2) for c in range(3)]  # 3x2 grid
+FELT: RGB = (55, 95, 70)  # the ground of "counts"
+
+
+def plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("ss") or shape.endswith("x") else "s")
+
+
+# --- new tasks -----------------------------------------------------------------------------
+
+
+def _fade(attrs: dict, rng: np.random.Generator) -> tuple[RGB, str]:
+    return _jitter(BACKGROUNDS_2[attrs["background"]], rng, 10), "fade"
+
+
+def _felt(attrs: dict, rng: np.random.Generator) -> tuple[RGB, str]:
+    return _jitter(FELT, rng, 8), "plain"
+
+
+def _placed_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]:
+    x, y = POSITIONS[attrs["position"]][0]
+    centre = (x + rng.uniform(-0.03, 0.03), y + rng.uniform(-0.03, 0.03))
+    return (_thing(attrs, rng, centre, "small", "plain"),)
+
+
+def _counted_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]:
+    """`count` equal objects, each in its own cell of a 3x2 grid (never overlapping)."""
+    cells = rng.permutation(len(_CELLS))[: COUNTS[attrs["count"]]]
+    size = attrs.get("size", "small")
+    radius = min(SIZES[size], 0.14)  # a medium object still fits a third of the side
+    things = []
+    for cell in cells:
+        x, y = _CELLS[cell]
+        centre = (x + rng.uniform(-0.02, 0.02), y + rng.uniform(-0.02, 0.02))
+        thing = _thing(attrs, rng, centre, size, attrs.get("texture", "plain"))
+        things.append(
+            Thing(thing.shape, thing.rgb, thing.texture, centre, radius * 0.95, thing.angle)
+        )
+    return tuple(things)
+
+
+BACKGROUNDS_POSITIONS = TaskSpec(
+    name="backgrounds-positions",
+    families=(*SHAPE_COLOUR, ("background", tuple(BACKGROUNDS_2)), ("position", tuple(POSITIONS))),
+    templates=(
+        "a {colour} {shape} {where} on a {background} background",
+        "a {background} background with a {colour} {shape} {where}",
+        "{where} of a {background} background there is a {colour} {shape}",
+        "a picture of a {colour} {shape} {where} against {background}",
+    ),
+    ground=_fade,
+    compose=_placed_things,
+    nominal_ground=lambda attrs: BACKGROUNDS_2[attrs["background"]],
+)
+COUNTS_TASK = TaskSpec(
+    name="counts",
+    families=(*SHAPE_COLOUR, ("count", tuple(COUNTS)), ("size", ("small", "medium"))),
+    templates=(
+        "{count} {size} {colour} {plural}",
+        "a group of {count} {size} {colour} {plural}",
+        "a picture of {count} {colour} {plural}, {size} in size",
+        "there are {count} {size} {plural} coloured {colour}",
+    ),
+    ground=_felt,
+    compose=_counted_things,
+    nominal_ground=lambda attrs: FELT,
+)
+BENCH_TASKS = (*TASKS, BACKGROUNDS_POSITIONS, COUNTS_TASK)
+BENCH_TASK_NAMES = tuple(task.name for task in BENCH_TASKS)
+OBJECT_FAMILIES = frozenset({"shape", "colour"})  # every task names these
+
+
+def families(task: TaskSpec) -> frozenset[str]:
+    """The attribute families that set a task apart: its captions' families beyond the object's
+    shape and colour; a second object counts as one family, "binding"."""
+    named = {key for key, _ in task.families}
+    extra = named - OBJECT_FAMILIES - {"shape2", "colour2"}
+    return frozenset(extra | ({"binding"} if "shape2" in named else set()))
+
+
+def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def similarity_matrix(task_families: dict[str, frozenset[str]]) -> list[list[float]]:
+    """Jaccard of the tasks' family sets, in the dict's order: symmetric, 1 on the diagonal."""
+    sets = list(task_families.values())
+    return [[round(jaccard(a, b), 4) for b in sets] for a in sets]
+
+
+def related_pairs(task_families: dict[str, frozenset[str]]) -> list[tuple[str, str]]:
+    """Pairs of tasks sharing at least one family (for logs and docs)."""
+    return [(a, b) for a, b in pairs(task_families, 2) if task_families[a] & task_families[b]]
+
+
+# --- pretraining ---------------------------------------------------------------------------
+
+BENCH_NAMING = {"size": 0.35, "texture": 0.35, "position": 0.35, "background": 0.4}
+TWO_OBJECTS, MANY_OBJECTS = 0.1, 0.12  # chance of a pair, of a counted group
+_SIZE_AFTER = ", {size} in size"
+_TEXTURE_AFTER = (" with a {texture} pattern", " that is {texture}")
+_GROUND_PHRASES = (
+    " on a {background} background",
+    " against a {background} background",
+    " against {background}",
+    " on {background}",
+)
+_OPENINGS = ("a ", "a picture of a ", "a photo of a ", "there is a ", "{where_first} there is a ")
+
+
+def bench_pretrain_extras(attrs: dict, rng: np.random.Generator) -> dict:
+    """Which optional attributes a pretraining image names (and draws)."""
+    extras: dict = {}
+    kind = rng.random()
+    if kind < TWO_OBJECTS:
+        extras["shape2"] = str(rng.choice(SHAPES))
+        extras["colour2"] = str(rng.choice([c for c in COLOURS if c != attrs["colour"]]))
+    elif kind < TWO_OBJECTS + MANY_OBJECTS:
+        extras["count"] = str(rng.choice(list(COUNTS)))
+    named = {key: bool(rng.random() < p) for key, p in BENCH_NAMING.items()}
+    if named["position"] and not set(extras) & {"count", "shape2"}:
+        extras["position"] = str(rng.choice(list(POSITIONS)))
+    if named["size"] and "shape2" not in extras:
+        big = "position" in extras or "count" in extras
+        extras["size"] = str(rng.choice(("small", "medium") if big else list(SIZES)))
+    if named["texture"] and "shape2" not in extras:
+        extras["texture"] = str(rng.choice(TEXTURES))
+    scene = attrs | extras
+    if named["background"]:
+        palette = [name for name, rgb in _PALETTE.items() if _contrasts(scene, rgb)]
+        scene["background"] = str(rng.choice(palette))
+    return scene
+
+
+_PALETTE = {**BACKGROUNDS, **BACKGROUNDS_2}
+
+
+def _contrasts(attrs: dict, ground: RGB) -> bool:
+    """Every object colour of the scene stands out from this ground."""
+    colours = [attrs[key] for key in ("colour", "colour2") if key in attrs]
+    return all(math.dist(COLOURS[c], ground) >= MIN_CONTRAST for c in colours)
+
+
+def _varied_ground(attrs: dict, rng: np.random.Generator) -> tuple[RGB, str]:
+    """A named background as its task draws it, else an unnamed grey, dark, light or colour."""
+    if "background" in attrs:
+        name = attrs["background"]
+        if name in BACKGROUNDS_2:
+            return _jitter(BACKGROUNDS_2[name], rng, 10), "fade"
+        return _jitter(BACKGROUNDS[name], rng, 10), "plain"
+    for _ in range(100):  # a ground the objects stand out from (one try in a few fails)
+        ground, style = _unnamed_ground(rng)
+        if _contrasts(attrs, ground):
+            return ground, style
+    return (125, 125, 125), "plain"  # every object colour contrasts with mid grey
+
+
+def _unnamed_ground(rng: np.random.Generator) -> tuple[RGB, str]:
+    kind = int(rng.integers(5))
+    if kind == 0:
+        v = int(rng.integers(70, 181))
+        return (v, v, v), "plain"
+    if kind == 1:
+        v = int(rng.integers(10, 41))
+        return (v, v, v + 20), "plain"
+    if kind == 2:
+        v = int(rng.integers(215, 246))
+        return (v, v, v - 12), "plain"
+    r, g, b = (int(c) for c in rng.integers(0, 256, size=3))
+    return (r, g, b), str(rng.choice(("plain", "grid", "fade")))
+
+
+def _bench_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]:
+    if "shape2" in attrs:
+        return _pair_things(attrs, rng)
+    if "count" in attrs:
+        return _counted_things(attrs, rng)
+    default = ("medium",) if "position" in attrs else ("medium", "large")
+    size = attrs.get("size") or str(rng.choice(default))
+    if "position" in attrs:
+        x, y = POSITIONS[attrs["position"]][0]
+        centre = (x + rng.uniform(-0.03, 0.03), y + rng.uniform(-0.03, 0.03))
+    else:
+        centre = _anywhere(size, rng)
+    return (_thing(attrs, rng, centre, size, attrs.get("texture", "plain")),)
+
+
+def bench_caption(attrs: dict, rng: np.random.Generator) -> str:
+    """One caption naming exactly the scene's attributes, in a randomly drawn phrasing."""
+    if "shape2" in attrs:
+        first = f"{attrs['colour']} {attrs['shape']}"
+        second = f"{attrs['colour2']} {attrs['shape2']}"
+        body = str(
+            rng.choice(
+                (
+                    f"a {first} and a {second}",
+                    f"a {first} next to a {second}",
+                    f"a {first} on the left and a {second} on the right",
+                    f"a {second} to the right of a {first}",
+                )
+            )
+        )
+        return body + _ground_phrase(attrs, rng)
+    size_after = "size" in attrs and rng.random() < 0.3
+    texture_after = "texture" in attrs and rng.random() < 0.4
+    adjectives = "".join(
+        f"{attrs[key]} "
+        for key, after in (("size", size_after), ("texture", texture_after))
+        if key in attrs and not after
+    )
+    if "count" in attrs:
+        opening = str(rng.choice(("", "a group of ", "a picture of ", "there are ")))
+        noun = f"{attrs['count']} {adjectives}{attrs['colour']} {plural(attrs['shape'])}"
+    else:
+        opening = str(rng.choice(_OPENINGS[:4] if "position" not in attrs else _OPENINGS))
+        if rng.random() < 0.25:
+            noun = f"{adjectives}{attrs['shape']} coloured {attrs['colour']}"
+        elif rng.random() < 0.2:
+            noun = f"{adjectives}{attrs['shape']} in {attrs['colour']}"
+        else:
+            noun = f"{adjectives}{attrs['colour']} {attrs['shape']}"
+    where = POSITIONS[attrs["position"]][1] if "position" in attrs else ""
+    if "{where_first}" in opening:
+        opening, where = opening.format(where_first=where), ""
+    text = opening + noun
+    if texture_after:
+        text += str(rng.choice(_TEXTURE_AFTER)).format(texture=attrs["texture"])
+    if where:
+        text += " " + where
+    text += _ground_phrase(attrs, rng)
+    if size_after:
+        text += _SIZE_AFTER.format(size=attrs["size"])
+    return text
+
+
+def _ground_phrase(attrs: dict, rng: np.random.Generator) -> str:
+    if "background" not in attrs:
+        return ""
+    return str(rng.choice(_GROUND_PHRASES)).format(background=attrs["background"])
+
+
+BENCH_PRETRAIN = TaskSpec(
+    name="pretrain-bench",
+    families=SHAPE_COLOUR,
+    templates=(),  # captions come from `bench_caption`
+    ground=_varied_ground,
+    compose=_bench_things,
+    nominal_ground=lambda attrs: (125, 125, 125),
+)
