@@ -182,13 +182,20 @@ class FleetRegistry(TaskRegistry):
             future = self._loading.get(task)
             return None if future is None or future.done() else future
 
+    def _held_or_unknown(self, task: str) -> bool:
+        """Nothing to wait for: no working set, held and finished loading (a cold load adds
+        the task before it ends), or not a catalog task."""
+        if not self.working_set or task not in self._known:
+            return True
+        return task in self and task not in self._behind
+
     def hold(self, task: str, timeout_s: float) -> bool:
         """Make sure this replica holds `task`, loading it now if it is a catalog task it does
         not hold (waiting at most `timeout_s`); whether it is held. Called before a request
         that names its task (Ray Serve's multiplexing: the proxy then routes the task's
         requests here), so a routed request finds its task warm instead of a 409."""
-        if not self.working_set or task in self or task not in self._known:
-            return task in self
+        if self._held_or_unknown(task):
+            return task in self and task not in self._behind
         future = self._start_cold(task)
         if future is not None:
             with contextlib.suppress(FutureTimeout):
@@ -199,8 +206,8 @@ class FleetRegistry(TaskRegistry):
         """`hold` for the event loop: the wait holds no thread (cold loads run one at a time,
         so a burst of requests for cold tasks would pin a worker thread each for up to
         `timeout_s` and starve every other request of the pool)."""
-        if not self.working_set or task in self or task not in self._known:
-            return task in self
+        if self._held_or_unknown(task):
+            return task in self and task not in self._behind
         future = self._start_cold(task)
         if future is not None:
             waited = asyncio.shield(asyncio.wrap_future(future))  # a timeout leaves it loading
