@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 from functools import partial
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from benchkit import paired_ratio, time_rounds, write_json
-from floor import machine_info
+from floor import setup
 
 import lpi
 from kernels import TaskSlotPool
@@ -238,9 +239,7 @@ HEADER = (
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    machine = machine_info(args.threads)
-    print(f"machine: {machine}")
+    machine = setup(args.threads)
     print(
         "bare/s: items/s with no task; speed: over the first dtype's bare time; min cos: worst "
         "per-row cosine against the first dtype (bare and prompted); 1task..slot8: prompted "
@@ -249,7 +248,7 @@ def main() -> None:
     )
     print(HEADER)
     rows = [row for name in args.presets for row in bench_preset(name, args)]
-    machine["load_average_at_end"] = __import__("os").getloadavg()
+    machine["load_average_at_end"] = os.getloadavg()
     write_json(args.out, {"machine": machine, "rows": rows})
     print(f"wrote {args.out}")
 

@@ -59,7 +59,7 @@ def value(row: dict, path: str) -> float | None:
 
 
 # Student's t, two-sided 95% (the 0.975 quantile), for 1..30 degrees of freedom (4 decimals,
-# standard tables; tests check each against an integral of the density). scipy when installed.
+# standard tables; tests check each against an integral of the density).
 T95_ROWS = (  # df 1-10, 11-20, 21-30
     (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281),
     (2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860),
@@ -70,12 +70,6 @@ T95 = tuple(value for row in T95_ROWS for value in row)
 
 def t_critical(df: int) -> float:
     """The two-sided 95% critical value of Student's t with `df` >= 1 degrees of freedom."""
-    try:
-        from scipy.stats import t
-    except ImportError:
-        pass
-    else:
-        return float(t.ppf(0.975, df))
     if df <= len(T95):
         return T95[df - 1]
     # Cornish-Fisher expansion about the normal's 1.96: within 1e-4 of the table at df = 30.

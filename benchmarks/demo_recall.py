@@ -16,7 +16,6 @@ change against torch float32 (goal: within 1 point), and its worst per-row cosin
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from benchkit import table, write_json
-from floor import machine_info
+from floor import setup
 
 import lpi
 from export import read_artifact
@@ -168,10 +167,7 @@ def summarise(results: dict) -> list[dict]:
 
 def main() -> None:
     args = parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
-    machine = machine_info(args.threads)
-    print(f"machine: {machine}")
+    machine = setup(args.threads)
     bundle = ensure_demo_bundle(args.data_dir / "demo", tasks=args.tasks, sizes=SIZES[args.size])
     size = lpi.load_backbone(bundle.backbone).config.vision.image_size
     inputs = {

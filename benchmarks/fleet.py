@@ -47,20 +47,17 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
 from benchkit import table, write_json
 from fleet_overhead import compare
+from serving import TASK, VERSIONS, load_config, random_artifact
 
 import lpi
 from clients import load
-from export.artifact import write_artifact
 from server.fleet.testing import FleetProcess
 from server.testing import ServerProcess
 
 log = logging.getLogger("benchmarks.fleet")
 ROOT = Path(__file__).resolve().parents[1]
-TASK = "bench"
-VERSIONS = ("bench-a.safetensors", "bench-b.safetensors")
 PROPAGATION_GOAL_S = 2.0
 OVERHEAD_GOAL = 0.85
 PARTS = ("scaling", "propagation", "cold", "overhead")
@@ -97,10 +94,7 @@ def prepare(folder: Path) -> tuple[Path, Path]:
     inbox.mkdir()
     fingerprint = lpi.fingerprint(backbone)
     for seed, name in enumerate(VERSIONS):
-        torch.manual_seed(seed)
-        config = lpi.PromptConfig(layers=2, tokens=16, rank=4)
-        folded = lpi.fold_task(backbone, lpi.TaskPrompts.for_backbone(config, backbone))
-        write_artifact(inbox / name, TASK, folded, backbone, backbone_fingerprint=fingerprint)
+        random_artifact(backbone, seed, inbox / name, fingerprint, layers=2)
     return path, inbox
 
 
@@ -110,16 +104,7 @@ def sweep(url: str, args: argparse.Namespace) -> list[dict]:
     while answered < 10:
         ok = httpx.get(f"{url}/tasks/{TASK}", timeout=60).status_code == 200
         answered = answered + 1 if ok else 0
-    config = load.LoadConfig(
-        url=url,
-        modality="text",
-        tasks=(TASK,),
-        items_per_request=1,
-        weights={"embed": 1.0},
-        timeout_s=120.0,
-        concurrency=tuple(args.concurrency),
-        duration_s=args.seconds,
-    )
+    config = load_config(url, concurrency=tuple(args.concurrency), duration_s=args.seconds)
     levels = load.summarise(asyncio.run(load.run(config)))["levels"]
     return [
         {

@@ -19,16 +19,14 @@ import os
 from pathlib import Path
 
 import httpx
-import torch
+from serving import TASK, load_config, random_artifact
 
 import lpi
 from clients import load
-from export.artifact import write_artifact
 from server.fleet.testing import FleetProcess
 from server.testing import ServerProcess
 
 log = logging.getLogger("benchmarks.fleet")
-TASK = "bench"
 ROLES = (  # the name Ray gives a worker process (its current task follows the role)
     ("ray::ProxyActor", "proxy"),
     ("ray::ServeReplica", "replica"),
@@ -43,13 +41,7 @@ def prepare_preset(folder: Path, preset: str) -> tuple[Path, Path]:
     path = lpi.save_backbone(backbone, folder / f"{preset}.safetensors")
     inbox = folder / f"inbox-{preset}"
     inbox.mkdir()
-    torch.manual_seed(0)
-    config = lpi.PromptConfig(layers=2, tokens=16, rank=4)
-    folded = lpi.fold_task(backbone, lpi.TaskPrompts.for_backbone(config, backbone))
-    fingerprint = lpi.fingerprint(backbone)
-    write_artifact(
-        inbox / "a.safetensors", TASK, folded, backbone, backbone_fingerprint=fingerprint
-    )
+    random_artifact(backbone, 0, inbox / "a.safetensors", lpi.fingerprint(backbone), layers=2)
     return path, inbox
 
 
@@ -89,16 +81,7 @@ def _stat(pid: int) -> list[str]:
 
 def measure(url: str, root: int, concurrency: int, seconds: float) -> dict:
     """One load level: requests/s, latency quantiles and CPU ms per request by role."""
-    config = load.LoadConfig(
-        url=url,
-        modality="text",
-        tasks=(TASK,),
-        items_per_request=1,
-        weights={"embed": 1.0},
-        timeout_s=120.0,
-        concurrency=(concurrency,),
-        duration_s=seconds,
-    )
+    config = load_config(url, concurrency=(concurrency,), duration_s=seconds)
     before = cpu_seconds(root)
     level = load.summarise(asyncio.run(load.run(config)))["levels"][0]
     after = cpu_seconds(root)

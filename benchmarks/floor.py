@@ -8,6 +8,7 @@ in its own run, on the threads it times with, so the load it saw is the load of 
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import time
@@ -63,3 +64,15 @@ def machine_info(threads: int) -> dict:
             "bfloat16": round(matmul_gflops(torch.bfloat16), 1),
         },
     }
+
+
+def setup(threads: int, **extra) -> dict:
+    """A timing script's start: quiet logs, `threads` intra-op threads, the machine printed.
+
+    `extra` adds what else the table's numbers belong to (a runtime's version).
+    """
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(threads)
+    machine = machine_info(threads) | extra
+    print(f"machine: {machine}")
+    return machine

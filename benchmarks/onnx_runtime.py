@@ -15,7 +15,6 @@ the worst per-row cosine of each graph against torch float32 and the core's matm
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from benchkit import time_calls, write_json
-from floor import machine_info as floor_machine_info
+from floor import setup
 
 import lpi
 from export.onnx_export import export_towers
@@ -167,18 +166,11 @@ def print_row(row: dict) -> None:
     )
 
 
-def machine_info(threads: int) -> dict:
-    import onnxruntime
-
-    return {**floor_machine_info(threads), "onnxruntime": onnxruntime.__version__}
-
-
 def main() -> None:
     args = parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
-    machine = machine_info(args.threads)
-    print(f"machine: {machine}")
+    import onnxruntime
+
+    machine = setup(args.threads, onnxruntime=onnxruntime.__version__)
     print(
         "items/s with no task; onnx/t, int8/t: over torch float32's items/s (>1: faster); int8 "
         "cos: worst per-row cosine against torch float32; 1task/bare: prompted time over bare"

@@ -147,11 +147,13 @@ def parse_args() -> argparse.Namespace:
 # -- set-up -------------------------------------------------------------------------------------
 
 
-def random_artifact(backbone: lpi.Backbone, seed: int, path: Path, fingerprint: str) -> Path:
+def random_artifact(
+    backbone: lpi.Backbone, seed: int, path: Path, fingerprint: str, layers: int = 9
+) -> Path:
     """A task version from random LPI prompts, folded and exported as training would."""
     torch.manual_seed(seed)
     depth = min(backbone.config.vision.layers, backbone.config.text.layers)
-    config = lpi.PromptConfig(layers=min(9, depth), tokens=16, rank=4)
+    config = lpi.PromptConfig(layers=min(layers, depth), tokens=16, rank=4)
     folded = lpi.fold_task(backbone, lpi.TaskPrompts.for_backbone(config, backbone))
     write_artifact(path, TASK, folded, backbone, backbone_fingerprint=fingerprint)
     return path

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import os
 import statistics
 import tempfile
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from benchkit import paired_ratio, time_rounds, write_json
-from floor import machine_info
+from floor import setup
 
 import lpi
 from export.artifact import read_artifact, write_artifact
@@ -213,10 +212,7 @@ HEADER = (
 
 def main() -> None:
     args = parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
-    machine = machine_info(args.threads)
-    print(f"machine: {machine}")
+    machine = setup(args.threads)
     base = lpi.load_backbone(args.preset, seed=0)
     rows = []
     with tempfile.TemporaryDirectory(prefix="lpi-serving-prompt-") as tmp:

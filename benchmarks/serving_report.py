@@ -30,17 +30,13 @@ def level_row(level: dict, raw: dict) -> dict:
     busy = server.get("model_busy")
     model = level["items_per_s"] / busy if busy else None  # rows/s while the model ran
     return {
-        "concurrency": level["concurrency"],
-        "requests": level["requests"],
-        "errors": sum(level["errors"].values()),
-        "error_kinds": level["errors"],
-        "req_per_s": level["requests_per_s"],
+        **_counts(level),
         "items_per_s": level["items_per_s"],
         "p50_ms": latency["p50"],
         "p95_ms": latency["p95"],
         "p99_ms": latency["p99"],
         "mean_batch": server.get("mean_batch_rows"),
-        "model_busy": server.get("model_busy"),
+        "model_busy": busy,
         "raw_batch": formed,
         "raw_rows_per_s": engine[formed],
         "served_over_raw": level["items_per_s"] / engine[formed],
@@ -53,14 +49,21 @@ def level_row(level: dict, raw: dict) -> dict:
     }
 
 
-def swap_row(level: dict) -> dict:
-    swaps = level["swaps"]
+def _counts(level: dict) -> dict:
+    """The keys every row of a `clients.load` level starts with."""
     return {
         "concurrency": level["concurrency"],
         "requests": level["requests"],
         "errors": sum(level["errors"].values()),
         "error_kinds": level["errors"],
         "req_per_s": level["requests_per_s"],
+    }
+
+
+def swap_row(level: dict) -> dict:
+    swaps = level["swaps"]
+    return {
+        **_counts(level),
         "p95_ms": level["latency_ms"]["p95"],
         "swaps": swaps["count"],
         "swaps_changed": swaps["changed"],

@@ -1,6 +1,6 @@
 """The image and text towers as ONNX graphs that take every prompted layer's prefix as input.
 
-Spec LPI.md sections 1 and 3: a task's whole effect on a tower is, at each prompted layer
+docs/METHOD.md §1 and §3: a task's whole effect on a tower is, at each prompted layer
 j < J, N prefix key/value rows that every real token attends to. Each graph takes them as
 inputs with a per-row flag that hides a row's prefix (the attention mask of
 `kernels.visibility_mask`), so one graph serves every task, tasks mixed in one batch, and no
@@ -11,7 +11,7 @@ task (flag False: the frozen backbone):
     text.onnx   token_ids [B, T] i64 (T <= context, 0 after each row's end-of-text token),
                 prefix_keys, prefix_values [J, B, N, D_t], prefix_active [B]  ->  features [B, E]
 
-B and T are dynamic; J and N are fixed per export (the deployment's prompt shape; section 6
+B and T are dynamic; J and N are fixed per export (the deployment's prompt shape; METHOD.md §6
 folds a task to exactly these keys and values). `*.fp16.onnx` compute in float16 behind the
 same float32 inputs and outputs, and are kept only where they hold cosine >= 0.999 per row
 against torch in float32 (the cross-backend bound, per row).
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,7 +186,7 @@ def export_graphs(backbone: Backbone, out_dir: str | Path, options: OnnxExportOp
         if entry is None:
             raise OnnxExportError(f"{file_name(tower, 'float32')} differs from torch: {check}")
         files[tower]["float32"] = entry
-        log.info("%s: %s", file_name(tower, "float32"), _describe(check))
+        log.info("%s: %s", file_name(tower, "float32"), describe_check(check))
     for tower in TOWERS:
         (out_dir / file_name(tower, "float16")).unlink(missing_ok=True)  # never leave a stale one
         if not options.fp16:
@@ -248,28 +249,55 @@ def export_tower(
     options: OnnxExportOptions,
     precision: str,
 ) -> tuple[dict | None, dict]:
-    """Trace one graph to a temp file, check it, and install it only if it holds.
-
-    Returns (file entry, check); the entry is None when the check failed (nothing installed).
-    """
+    """Trace one graph, check it, and install it only if it holds (`install_checked`)."""
     model = backbone if precision == "float32" else copy.deepcopy(backbone).half()
     module = (ImageGraph if tower == "image" else TextGraph)(model).eval()
     generator = torch.Generator().manual_seed(0)
     layers, tokens = options.layers, options.tokens
     example = random_inputs(backbone, tower, TRACE_BATCH, TRACE_LENGTH, layers, tokens, generator)
+    context = backbone.config.text.context_length
+    exporter = options.exporter if precision == "float32" else "dynamo"
+
+    def make(temp: Path) -> None:
+        trace(module, tower, example, temp, options.opset, context, exporter)
+
+    return install_checked(make, backbone, tower, out_dir, options, precision)
+
+
+def install_checked(
+    make: Callable[[Path], None],
+    backbone: Backbone,
+    tower: str,
+    out_dir: Path,
+    options: OnnxExportOptions,
+    precision: str,
+) -> tuple[dict | None, dict]:
+    """`make` the graph into a temp file, check it against torch (MIN_COSINE[precision]), and
+    install it as `file_name(tower, precision)` only if it holds.
+
+    Returns (file entry, check); the entry is None when the check failed (nothing installed).
+    """
     path = out_dir / file_name(tower, precision)
     try:
         with atomic_path(path) as temp:  # a graph that fails its check is never installed
-            context = backbone.config.text.context_length
-            exporter = options.exporter if precision == "float32" else "dynamo"
-            trace(module, tower, example, temp, options.opset, context, exporter)
-            check = check_graph(temp, backbone, tower, layers, tokens, MIN_COSINE[precision])
+            make(temp)
+            check = check_graph(
+                temp, backbone, tower, options.layers, options.tokens, MIN_COSINE[precision]
+            )
             if not check["passed"]:
                 raise _CheckFailed(check)
             entry = {"file": path.name, "sha256": sha256_file(temp), "bytes": temp.stat().st_size}
     except _CheckFailed as failed:
         return None, failed.check
     return entry, check
+
+
+def below_bound(check: dict, precision: str) -> str:
+    """Why a checked graph was not kept: its cosines against the bound it missed."""
+    return (
+        f"per-row cosine {check['min_cosine']:.6f} (inactive rows vs the bare backbone "
+        f"{check['bare_min_cosine']:.6f}) is below {MIN_COSINE[precision]}"
+    )
 
 
 def _try_fp16(
@@ -284,13 +312,10 @@ def _try_fp16(
         log.warning("%s skipped: %s", name, reason)
         return None, {"kept": False, "reason": reason}
     if entry is None:
-        check["reason"] = (
-            f"per-row cosine {check['min_cosine']:.6f} (inactive rows vs the bare backbone "
-            f"{check['bare_min_cosine']:.6f}) is below {MIN_COSINE['float16']}"
-        )
+        check["reason"] = below_bound(check, "float16")
         log.warning("%s skipped: %s", name, check["reason"])
     else:
-        log.info("%s: %s", name, _describe(check))
+        log.info("%s: %s", name, describe_check(check))
     return entry, {"kept": entry is not None, **check}
 
 
@@ -385,7 +410,7 @@ def torch_features(backbone: Backbone, tower: str, inputs: dict) -> tuple[Tensor
     return encode(data, prefix), encode(data, None)
 
 
-def _describe(check: dict) -> str:
+def describe_check(check: dict) -> str:
     return (
         f"{check['rows']} rows ({check['inactive_rows']} inactive): min cosine "
         f"{check['min_cosine']:.7f}, inactive vs bare {check['bare_min_cosine']:.7f}, "

@@ -14,16 +14,9 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from export.onnx_export import (
-    MIN_COSINE,
-    OnnxExportOptions,
-    _CheckFailed,
-    _describe,
-    check_graph,
-)
-from export.onnx_runtime import file_name, sha256_file
+from export.onnx_export import OnnxExportOptions, below_bound, describe_check, install_checked
+from export.onnx_runtime import file_name
 from lpi import Backbone
-from lpi.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -53,28 +46,20 @@ def quantize_tower(
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     name = file_name(tower, "int8")
-    path = out_dir / name
-    try:
-        with atomic_path(path) as temp, _root_log_errors_only():
-            quantize_dynamic(
-                out_dir / file_name(tower, "float32"),
-                temp,
-                per_channel=True,
-                weight_type=QuantType.QInt8,
-            )
-            check = check_graph(
-                temp, backbone, tower, options.layers, options.tokens, MIN_COSINE["int8"]
-            )
-            if not check["passed"]:
-                raise _CheckFailed(check)
-            entry = {"file": name, "sha256": sha256_file(temp), "bytes": temp.stat().st_size}
-    except _CheckFailed as failed:
-        check = failed.check
-        check["reason"] = (
-            f"per-row cosine {check['min_cosine']:.6f} (inactive rows vs the bare backbone "
-            f"{check['bare_min_cosine']:.6f}) is below {MIN_COSINE['int8']}"
+
+    def make(temp: Path) -> None:
+        quantize_dynamic(
+            out_dir / file_name(tower, "float32"),
+            temp,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
         )
+
+    with _root_log_errors_only():
+        entry, check = install_checked(make, backbone, tower, out_dir, options, "int8")
+    if entry is None:
+        check["reason"] = below_bound(check, "int8")
         log.error("%s refused: %s", name, check["reason"])
         return None, {"kept": False, **check}
-    log.info("%s: %s", name, _describe(check))
+    log.info("%s: %s", name, describe_check(check))
     return entry, {"kept": True, "quantization": "dynamic, int8 weights per channel", **check}

@@ -176,7 +176,7 @@ class OnnxTowers:
             precision,
             self.layers,
             self.tokens,
-            self.sessions["image"].get_providers(),
+            self.providers,
         )
 
     @property

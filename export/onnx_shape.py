@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.artifact import ArtifactError, read_artifact
+from export.onnx_manifest import contained
 
 DEMO_MANIFEST = "bundle.json"  # written by server.demo: format, recipe, backbone, artifacts
 DEMO_FORMAT = "lpi-demo-bundle"
@@ -111,8 +112,7 @@ def _demo_manifest(root: Path) -> dict | None:
 
 def _inside(root: Path, relative: str) -> Path:
     """A file the bundle lists, refused if it would lead out of the bundle."""
-    base = Path(root).resolve()
-    path = (base / relative).resolve()
-    if not path.is_relative_to(base):
-        raise ShapeSourceError(f"{base / DEMO_MANIFEST}: lists {relative!r}, outside the bundle")
+    path = contained(Path(root), relative)
+    if path is None:
+        raise ShapeSourceError(f"{root / DEMO_MANIFEST}: lists {relative!r}, outside the bundle")
     return path

@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.reference import check_prefix_inputs, check_slots
-from kernels.tiles import (  # re-exported: the kernel's tiles are part of its interface
+from kernels.tiles import (
     TUNING_ARGS,
     fixed_blocks,
     interpreter_tiles,
@@ -42,7 +42,6 @@ from kernels.tiles import (  # re-exported: the kernel's tiles are part of its i
 )
 
 LOG2_E = 1.4426950408889634
-INT32_MAX = 2**31 - 1
 INT32_MAX = 2**31 - 1
 # fp32 inputs: "ieee" (exact fp32 dots, the default) or "tf32x3" (three TF32 dots, ~fp32 error).
 FP32_PRECISIONS = ("ieee", "tf32x3")
@@ -196,31 +195,10 @@ def _prefix_attention_kernel(
     diagonal = T
     if CAUSAL:
         diagonal = pid_m * BLOCK_M  # BLOCK_M is a multiple of BLOCK_N
-    acc, m_i, l_i = _token_blocks(
-        acc,
-        m_i,
-        l_i,
-        q,
-        k_row,
-        v_row,
-        mask_row,
-        offs_m,
-        offs_d,
-        d_ok,
-        0,
-        diagonal,
-        T,
-        stride_kt,
-        stride_vt,
-        qk_scale,
-        False,
-        HAS_KEY_MASK,
-        DOT_FP32,
-        PRECISION,
-        BLOCK_N,
-    )
-    if CAUSAL:
-        hi = tl.minimum(T, (pid_m + 1) * BLOCK_M)
+    # Unrolled at compile time: the blocks below the diagonal, then (causal only) the diagonal's.
+    for on_diagonal in tl.static_range(1 + CAUSAL):
+        lo = diagonal if on_diagonal else 0
+        hi = tl.minimum(T, (pid_m + 1) * BLOCK_M) if on_diagonal else diagonal
         acc, m_i, l_i = _token_blocks(
             acc,
             m_i,
@@ -232,13 +210,13 @@ def _prefix_attention_kernel(
             offs_m,
             offs_d,
             d_ok,
-            diagonal,
+            lo,
             hi,
             T,
             stride_kt,
             stride_vt,
             qk_scale,
-            True,
+            on_diagonal == 1,
             HAS_KEY_MASK,
             DOT_FP32,
             PRECISION,

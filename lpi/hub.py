@@ -38,7 +38,7 @@ HUB_PREFIX = "hf-hub:"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _OPEN_CLIP_CONFIG = "open_clip_config.json"
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # lpi.checkpoint reads them in this order
-# Verified blobs: (path, size, mtime) -> True. A server resolves its backbone before it starts
+# Verified blobs as (path, size, mtime). A server resolves its backbone before it starts
 # (to fail fast) and again when it loads it; hashing a large file twice would double the wait.
 _VERIFIED: set[tuple[str, int, int]] = set()
 
@@ -167,10 +167,9 @@ def _fetch(name: str, repo: str, revision: str | None, filename: str, allow: boo
     except LocalEntryNotFoundError as err:
         if not allow:
             return None  # not in the cache
-        first = (str(err).strip().splitlines() or ["not cached"])[0][:200]
         raise CheckpointError(
             f"model {name!r}: {repo}/{filename} is not cached and the hub cannot be reached "
-            f"({first})"
+            f"({_first_line(err, 'not cached')})"
         ) from None
     except EntryNotFoundError:  # the repository has no such file
         return None
@@ -185,8 +184,13 @@ def _fetch(name: str, repo: str, revision: str | None, filename: str, allow: boo
     except CheckpointError:
         raise
     except Exception as err:  # network, revision, permission: one line, the model named
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        first = _first_line(err, type(err).__name__)
         raise CheckpointError(f"model {name!r}: cannot fetch {repo}/{filename} ({first})") from err
+
+
+def _first_line(err: Exception, empty: str) -> str:
+    """An error's first line (at most 200 characters): messages stay one line."""
+    return (str(err).strip().splitlines() or [empty])[0][:200]
 
 
 def _missing(name: str, repo: str, files: tuple[str, ...], allow: bool) -> CheckpointError:

@@ -131,7 +131,7 @@ def cast_backbone(model: Backbone, dtype: torch.dtype) -> Backbone:
     current = next(model.parameters()).dtype
     if current == dtype:
         return model
-    if current == torch.float32 and getattr(model, "float32_fingerprint", None) is None:
+    if current == torch.float32 and model.float32_fingerprint is None:
         from lpi.checkpoint import fingerprint  # the one place that hashes weights
 
         model.float32_fingerprint = fingerprint(model)

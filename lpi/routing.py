@@ -276,9 +276,9 @@ class TaskKeys:
             centres, owner = state[f"{modality}.centres"], state[f"{modality}.task"]
             if owner.ndim != 1 or owner.dtype != torch.long or centres.shape[:1] != owner.shape:
                 raise ValueError(f"{modality}: need centres [M, E] and a LongTensor task [M]")
-            width = width if width is not None or centres.ndim != 2 else centres.shape[-1]
             # kept bit for bit (as float32): routing must not shift on reload
             saved = check_centres(centres, width, f"{modality} centres")
+            width = saved.shape[1]  # the first modality's width; the second must match it
             counts = torch.bincount(owner.clamp_min(0), minlength=len(names))
             if owner.min() < 0 or len(counts) != len(names) or (counts == 0).any():
                 raise ValueError(f"{modality}: every task needs centres and every centre a task")

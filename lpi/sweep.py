@@ -54,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     fields = vars(args)
     methods, lrs, stds = fields.pop("methods"), fields.pop("lrs"), fields.pop("init_stds")
-    fields.pop("lr")
     fields["tasks"] = tuple(args.tasks) if args.tasks else None
     try:
         sweep = run_sweep(TrainConfig(**fields), methods, lrs, stds)

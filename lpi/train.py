@@ -57,12 +57,8 @@ def add_train_flags(parser: argparse.ArgumentParser, sweep: bool = False) -> Non
     parser.add_argument(
         "--interaction-rank", type=int, default=default("interaction_rank"), help="R_i"
     )
-    add_optimiser_flags(parser, TrainConfig, epochs="epochs per task")
-    if sweep:
-        for action in parser._actions:  # the sweep's --lrs replace --lr
-            if action.dest == "lr":
-                action.help, action.default = argparse.SUPPRESS, None
-    else:
+    add_optimiser_flags(parser, TrainConfig, epochs="epochs per task", lr=not sweep)
+    if not sweep:
         parser.add_argument(
             "--init-std", type=float, default=default("init_std"), help="std of factors' init"
         )

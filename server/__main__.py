@@ -85,7 +85,7 @@ def _serve(settings) -> int:
             _data_dir_shown(settings),
             extra={"backbone_source": source, "port": port, "data_dir": str(settings.data_dir)},
         )
-        app = create_app(settings)
+        app = create_app(settings, backbone_source=source)
         config = uvicorn.Config(
             app,
             log_config=None,  # server.logs formats uvicorn's records like every other

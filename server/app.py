@@ -43,9 +43,12 @@ from wire import schema
 log = logging.getLogger("server.app")
 
 
-def create_app(settings: Settings, *, assembly: Assembly | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, *, assembly: Assembly | None = None, backbone_source: dict | None = None
+) -> FastAPI:
     """The app; `assembly` swaps how the store and the registry are built (the fleet's
-    replicas share both), everything else is the same."""
+    replicas share both), everything else is the same. `backbone_source` is the preflight's
+    answer where one ran (`python -m server`), so the backbone is not resolved twice."""
     metrics = Metrics()
 
     @asynccontextmanager
@@ -74,7 +77,7 @@ def create_app(settings: Settings, *, assembly: Assembly | None = None) -> FastA
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.restore_failures = []
-    app.state.backbone_source = describe_backbone(settings)
+    app.state.backbone_source = backbone_source or describe_backbone(settings)
     app.state.startup = Startup()
     install_error_handlers(app)
     routers = (

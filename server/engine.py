@@ -201,8 +201,11 @@ class TorchEngine:
     def _run(self, modality: Modality, data: Tensor, prefix: lpi.SlotPrefix | None) -> Tensor:
         pool = self._pools.get(modality)
         if self._graphs is not None and pool is not None:
-            none = torch.full((len(data),), -1, dtype=torch.int32, device=data.device)
-            out = self._graphs.run(modality, data, none if prefix is None else prefix.slots, pool)
+            if prefix is None:  # every row bare: slot -1
+                slots = torch.full((len(data),), -1, dtype=torch.int32, device=data.device)
+            else:
+                slots = prefix.slots
+            out = self._graphs.run(modality, data, slots, pool)
             if out is not None:
                 return out.to("cpu", torch.float32)  # [B, E]
         encode = self.backbone.encode_image if modality == "image" else self.backbone.encode_text

@@ -91,6 +91,12 @@ def refusal_of(err: BaseException) -> Refusal | None:
     return None
 
 
+def retry_headers(err: BaseException, refusal: Refusal) -> dict[str, str] | None:
+    """`Retry-After` in whole seconds (at least 1), from the exception or else the table."""
+    retry = getattr(err, "retry_after", None) or refusal.retry_after
+    return {"Retry-After": str(max(1, round(retry)))} if retry else None
+
+
 def error_response(
     status: int, kind: str, message: str, field: str | None = None, headers: dict | None = None
 ) -> JSONResponse:
@@ -105,10 +111,10 @@ def install_error_handlers(app: FastAPI) -> None:
             return await _unexpected(request, err)
         if refusal.status >= 500:
             log.warning("%s on %s %s: %s", refusal.code, request.method, request.url.path, err)
-        retry = getattr(err, "retry_after", None) or refusal.retry_after
-        headers = {"Retry-After": str(max(1, round(retry)))} if retry else None
         field = getattr(err, "field", None)
-        return error_response(refusal.status, refusal.code, str(err), field, headers)
+        return error_response(
+            refusal.status, refusal.code, str(err), field, retry_headers(err, refusal)
+        )
 
     for cls in REFUSALS:
         app.add_exception_handler(cls, _domain)

@@ -44,8 +44,9 @@ class OriginWatch:
     def record(self, task: str, version: str, modelled: bool, given: bool) -> None:
         """Note the makers of one /index request's vectors (this engine's when it computed
         some, `external` when some were sent) before they are written; makers known to be
-        recorded are not written again. A store without the record (a test double) is left
-        alone."""
+        recorded are not written again. With nothing cached, the stored makers are read once
+        after the write, so a run of /index requests costs the store no further round trip
+        until the cache expires. A store without the record (a test double) is left alone."""
         record_origin = getattr(self.store, "record_origin", None)
         if record_origin is None:
             return
@@ -53,7 +54,7 @@ class OriginWatch:
         known = self._cached(task, version)
         for maker in sorted(makers - (known or frozenset())):
             record_origin(task, version, maker)
-        if known is not None:  # else other makers may be stored: the next search reads them
+        if known is not None or self._read(task, version) is not None:
             self._remember(task, version, makers)
 
     def forget(self, task: str) -> None:
@@ -104,15 +105,20 @@ class OriginWatch:
         store keeps no record or the version vanished meanwhile (the search said what it
         found)."""
         known = self._cached(task, version)
-        if known is not None:
-            return known
+        if known is None:
+            known = self._read(task, version)
+        return frozenset() if known is None else known
+
+    def _read(self, task: str, version: str) -> frozenset[str] | None:
+        """The version's makers as the store holds them now (then cached), or None when the
+        store keeps no record or the version vanished meanwhile."""
         read = getattr(self.store, "origins", None)
         if read is None:
-            return frozenset()
+            return None
         try:
             made = frozenset(read(task, version))
         except StoreError:
-            return frozenset()
+            return None
         self._remember(task, version, made)
         return made
 

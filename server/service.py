@@ -15,7 +15,7 @@ import contextlib
 import logging
 import math
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -212,31 +212,36 @@ class Service:
             index_version = version
             if request.accept_mismatch:
                 index_version = self.registry.serving_version(task) or version
-            options = SearchOptions(exact=request.exact, hnsw_ef=request.hnsw_ef)
             with request_fields():
-                hits = await run_in_threadpool(
-                    lambda: self.store.search(
-                        task,
-                        index_version,
-                        vector,
-                        request.top_k,
-                        request.filter,
-                        accept_mismatch=request.accept_mismatch,
-                        options=options,
-                    )
+                hits, index_version, warnings = await run_in_threadpool(
+                    self._search_store, request, task, index_version, vector
                 )
-        index_version = hits[0].version if hits else index_version
         await self.registry.origins.after_search(task, index_version, query)
-        warnings = request.filter and await run_in_threadpool(
-            filter_warnings, self.store, task, index_version, request.filter
-        )  # a filter on a field with no payload index, past the store's threshold
         return {
             "task": task,
             "prompt_version": version,
             "index_version": index_version,
             "hits": [{"id": h.id, "score": h.score, "payload": h.payload} for h in hits],
-            "warnings": warnings or [],
+            "warnings": warnings,
         }
+
+    def _search_store(self, request: schema.SearchRequest, task: str, version: str, vector):
+        """The hits, the version they came from, and the filter's warnings (a filtered field
+        with no payload index, past the store's threshold): one worker-thread hop."""
+        hits = self.store.search(
+            task,
+            version,
+            vector,
+            request.top_k,
+            request.filter,
+            accept_mismatch=request.accept_mismatch,
+            options=SearchOptions(exact=request.exact, hnsw_ef=request.hnsw_ef),
+        )
+        version = hits[0].version if hits else version
+        warnings = (
+            filter_warnings(self.store, task, version, request.filter) if request.filter else []
+        )
+        return hits, version, warnings
 
     # -- stored points ----------------------------------------------------------------------------
 
@@ -269,7 +274,7 @@ class Service:
         return self.registry.state.uploads
 
     async def list_tasks(self) -> dict:
-        infos = await run_in_threadpool(self._task_infos)
+        infos = await run_in_threadpool(self.registry.infos)
         return {"tasks": infos, "failed": self.registry.failures()}
 
     async def task_info(self, task: str) -> dict:
@@ -299,9 +304,6 @@ class Service:
         return {"task": task, "unloaded_versions": versions, "vectors_deleted": delete_vectors}
 
     # -- helpers --------------------------------------------------------------------------------
-
-    def _task_infos(self) -> list[dict]:
-        return self.registry.infos()
 
     async def _rows_off_loop(self, texts: list[str], images: list[bytes], *fields):
         """Decode in a worker thread, except a few short texts: tokenising them costs less
@@ -382,34 +384,33 @@ def _refuse_unusable(modality: str, features: Tensor, keys: Sequence[Key | None]
 
 
 @contextlib.contextmanager
-def request_fields() -> Iterator[None]:
+def _store_fields(rename: Callable[[str | None], str]) -> Iterator[None]:
+    """A store error raised inside names, through `rename`, the request field that fed the
+    store's argument."""
+    try:
+        yield
+    except StoreError as err:
+        err.field = rename(err.field)
+        raise
+
+
+def request_fields() -> contextlib.AbstractContextManager[None]:
     """Store errors of /index and /search name the request field, not the store's argument."""
-    try:
-        yield
-    except StoreError as err:
-        err.field = _request_field(err.field)
-        raise
+    return _store_fields(_request_field)
 
 
-@contextlib.contextmanager
-def point_fields() -> Iterator[None]:
+def point_fields() -> contextlib.AbstractContextManager[None]:
     """Store errors of /points/*: `ids[2]`, `offset`, `limit` as sent; filters as `filter`."""
-    try:
-        yield
-    except StoreError as err:
-        name = err.field or "task"
-        err.field = "filter" if name.startswith("filter") else name
-        raise
+    return _store_fields(
+        lambda name: "filter" if (name or "").startswith("filter") else name or "task"
+    )
 
 
-@contextlib.contextmanager
-def admin_fields() -> Iterator[None]:
+def admin_fields() -> contextlib.AbstractContextManager[None]:
     """Store errors of a load or promote: the artifact's width, or the version asked for."""
-    try:
-        yield
-    except StoreError as err:
-        err.field = {"dim": "artifact", "version": "version"}.get(err.field or "", "task")
-        raise
+    return _store_fields(
+        lambda name: {"dim": "artifact", "version": "version"}.get(name or "", "task")
+    )
 
 
 def _request_field(field: str | None) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliApp, CliSettingsSource, SettingsConfigDict
@@ -263,21 +263,25 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def parse_settings(argv: list[str] | None = None) -> Settings:
-    """Settings from env vars, overridden by CLI flags (`--help` lists them all).
+S = TypeVar("S", bound=Settings)
+
+
+def parse_settings(argv: list[str] | None = None, model: type[S] = Settings) -> S:
+    """Settings (`model`: Settings or a subclass) from env vars, overridden by CLI flags
+    (`--help` lists them all).
 
     Raises SettingsError (an unknown or malformed flag) or ValidationError (a bad value);
     `error_line` turns either into the one line `python -m server` prints.
     """
     source = CliSettingsSource(
-        Settings,
+        model,
         cli_hide_none_type=True,
         cli_avoid_json=True,
         cli_show_env_vars=True,
         cli_exit_on_error=False,
         add_argument_method=_add_argument,
     )
-    return CliApp.run(Settings, cli_args=argv, cli_settings_source=source)
+    return CliApp.run(model, cli_args=argv, cli_settings_source=source)
 
 
 # pydantic-settings names a flag's value by its type ("--port int"); people read "--port PORT".

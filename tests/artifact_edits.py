@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 
+import lpi
 from export.artifact import content_version, tensors_digest
 
 ADMIN = {"authorization": "Bearer admin-secret"}
@@ -41,9 +42,18 @@ def artifact_bytes(meta: dict, tensors: dict, raw: dict[str, str] | None = None)
 
 
 def write_raw(path: Path, meta: dict, tensors: dict, raw: dict[str, str] | None = None) -> Path:
-    header = {k: json.dumps(v) for k, v in meta.items()} | (raw or {})
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=header)
+    path.write_bytes(artifact_bytes(meta, tensors, raw))
     return path
+
+
+def random_folded(backbone: lpi.Backbone, seed: int) -> lpi.FoldedTask:
+    """A folded task (J=2, N=4, rank 3) whose every prompt factor is drawn N(0, 0.2)."""
+    prompts = lpi.TaskPrompts.for_backbone(lpi.PromptConfig(layers=2, tokens=4, rank=3), backbone)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in prompts.parameters():
+            parameter.normal_(0, 0.2)
+    return lpi.fold_task(backbone, prompts)
 
 
 def files_outside(root: Path, inside: Path) -> dict[str, tuple[int, int]]:

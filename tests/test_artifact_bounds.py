@@ -23,7 +23,15 @@ from export.artifact import ArtifactShapeError, BackboneMismatchError, read_arti
 from export.checks import PREFIX_LIMIT, check_prefix, largest_prefix
 from lpi import FoldedTask, FoldedTower
 from server.app import create_app
-from tests.artifact_edits import ADMIN, OCTETS, artifact_bytes, read_raw, seal, write_raw
+from tests.artifact_edits import (
+    ADMIN,
+    OCTETS,
+    artifact_bytes,
+    random_folded,
+    read_raw,
+    seal,
+    write_raw,
+)
 from tests.server_helpers import export_artifacts, run, running
 from tests.server_helpers import settings as base_settings
 
@@ -37,13 +45,8 @@ def backbone():
 
 @pytest.fixture(scope="module")
 def written(backbone, tmp_path_factory):
-    prompts = lpi.TaskPrompts.for_backbone(lpi.PromptConfig(layers=2, tokens=4, rank=3), backbone)
-    torch.manual_seed(11)
-    with torch.no_grad():
-        for parameter in prompts.parameters():
-            parameter.normal_(0, 0.2)
     path = tmp_path_factory.mktemp("written") / "task.safetensors"
-    return export.write_artifact(path, "Task", lpi.fold_task(backbone, prompts), backbone)
+    return export.write_artifact(path, "Task", random_folded(backbone, 11), backbone)
 
 
 def hostile_parts(backbone, meta: dict) -> tuple[dict, dict]:

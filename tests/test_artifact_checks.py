@@ -19,7 +19,7 @@ from export.artifact import (
 )
 from lpi.routing import TaskKeys, unit_rows, usable_centres
 from server.engine import EngineError, TorchEngine, probe, unusable_rows
-from tests.artifact_edits import read_raw
+from tests.artifact_edits import random_folded, read_raw
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +29,9 @@ def backbone():
 
 @pytest.fixture(scope="module")
 def written(backbone, tmp_path_factory):
-    prompts = lpi.TaskPrompts.for_backbone(lpi.PromptConfig(layers=2, tokens=4, rank=3), backbone)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for parameter in prompts.parameters():
-            parameter.normal_(0, 0.2)
+    folded = random_folded(backbone, 2)
     centres = {m: unit_rows(torch.randn(5, 64)) for m in ("image", "text")}
     path = tmp_path_factory.mktemp("written") / "task.safetensors"
-    folded = lpi.fold_task(backbone, prompts)
     return write_artifact(path, "Task", folded, backbone, keys=centres), folded
 
 

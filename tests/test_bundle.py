@@ -19,9 +19,10 @@ from export.tasks import export_run
 from lpi.continual.control import Cancelled, Control
 from lpi.continual.data import synthetic
 from lpi.continual.run_state import load_state, task_file
-from lpi.continual.trainer import TrainConfig, run_training
+from lpi.continual.trainer import run_training
 from lpi.pretrain import main as pretrain_main
 from lpi.train import main as train_main
+from tests.train_helpers import tiny_train_config
 
 
 def _versions(folder) -> dict[str, str]:
@@ -208,17 +209,7 @@ def test_a_cancelled_run_keeps_its_finished_tasks_and_resumes_to_the_same_result
 ):
     """Cancelled halfway (in the second task): the first task is saved, the second is not;
     running the config again trains only the second and ends where an uncancelled run did."""
-    config = TrainConfig(
-        manifest=tiny_runs / "data" / "manifest.jsonl",
-        backbone=str(tiny_runs / "backbone.safetensors"),
-        out=tmp_path / "run",
-        layers=2,
-        tokens=4,
-        epochs=1,
-        batch_size=8,
-        cache=True,
-        device="cpu",
-    )
+    config = tiny_train_config(tiny_runs, tiny_runs / "data", tmp_path / "run")
     cancel, heard = threading.Event(), []
 
     def report(label: str, fraction: float) -> None:

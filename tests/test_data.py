@@ -226,7 +226,7 @@ def _check_scene(scene: synthetic.Scene, pixels: np.ndarray) -> None:
     size = pixels.shape[0]
     for thing, colour in zip(scene.things, ("colour", "colour2"), strict=False):
         x, y = (round(v * size) for v in thing.centre)
-        rgb = synthetic.COLOURS[scene.attributes[colour]]
+        rgb = synthetic_tasks.COLOURS[scene.attributes[colour]]
         if thing.texture == "plain" and thing.shape not in ("star", "cross"):  # solid centres
             assert np.abs(pixels[y, x].astype(int) - rgb).max() <= 25, (scene, pixels[y, x])
     if "position" in scene.attributes:

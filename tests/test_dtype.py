@@ -1,4 +1,5 @@
 """Half-precision serving against float32: the backbone, the slot path, the kernel reference.
+(`SlotPrefix.materialise` itself, in float32, is tests/test_slot_prefix.py's.)
 
 Tolerances, per row: bfloat16 keeps 8 significant bits (relative error 2^-9 per rounding),
 float16 11 bits; the rounding errors of D-wide dot products average out,
@@ -110,29 +111,6 @@ def _pool(layers, slots, tokens, rank, width, dtype, generator, tasks=None):
     for name, factors in tasks.items():
         pool.add(name, *(f.to(dtype) for f in factors))
     return pool
-
-
-@pytest.mark.parametrize("slots", [[0, 0, 0, 0], [2, 0, -1, 1], [-1, -1, 1, 1]])
-def test_materialised_slot_prefix_equals_the_per_layer_reference(slots):
-    """`SlotPrefix.materialise` (once per pass) vs `kernels.reference` (per layer), float32.
-
-    The same products in the same order: equal to 1e-6 (summation order of the batched bmm)."""
-    generator = torch.Generator().manual_seed(sum(slots) + 10)
-    pool = _pool(3, 4, 5, 2, 16, torch.float32, generator)
-    slot_tensor = torch.tensor(slots, dtype=torch.int32)
-    prefix = SlotPrefix(slot_tensor, pool).materialise()
-    assert prefix.keys.shape == (3, 4, 5, 16)
-    active = slot_tensor >= 0
-    assert (prefix.active is None) == bool(active.all())
-    index = slot_tensor.clamp(min=0).long()
-    for j in range(3):
-        u_k, m_k, u_v, m_v = pool.layer(j)
-        want_k = torch.bmm(u_k[index], m_k[index])  # [B, N, D]
-        want_v = torch.bmm(u_v[index], m_v[index])
-        assert torch.allclose(prefix.keys[j][active], want_k[active], atol=1e-6)
-        assert torch.allclose(prefix.values[j][active], want_v[active], atol=1e-6)
-    if len(set(slots)) == 1:  # one task: its rows share one [J, N, D] (a stride-0 view)
-        assert prefix.keys.stride(1) == 0
 
 
 @pytest.mark.parametrize("dtype", HALF)

@@ -22,11 +22,6 @@ from tests.test_server_engine import ROWS, batch_inputs, key, row_keys
 
 
 @pytest.fixture(scope="module")
-def backbone(tiny_runs):
-    return lpi.load_backbone(tiny_runs / "backbone.safetensors")
-
-
-@pytest.fixture(scope="module")
 def fingerprint(backbone):
     return lpi.fingerprint(backbone)
 

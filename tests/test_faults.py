@@ -39,7 +39,6 @@ from server.testing import ServerProcess
 from tests.server_helpers import (
     cosines,
     create_app,
-    export_artifacts,
     reference_features,
     run,
     running,
@@ -53,15 +52,7 @@ SCORE_TOLERANCE = 1e-4  # a stored vector against the same text embedded again: 
 BATCH, SENDERS, KILL_AFTER = 4, 2, 25  # items per /index, client threads, acks before the kill
 
 
-@pytest.fixture(scope="module")
-def artifacts(tiny_runs, tmp_path_factory):
-    inbox = tmp_path_factory.mktemp("inbox")
-    return inbox, export_artifacts(tiny_runs, inbox)
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_runs):
-    return lpi.load_backbone(tiny_runs / "backbone.safetensors")
+# `artifacts` (inbox, files) and `backbone`: tests/app_fixtures.py.
 
 
 @pytest.fixture

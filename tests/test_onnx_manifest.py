@@ -191,3 +191,19 @@ def test_plain_names_and_containment(tmp_path):
     (tmp_path / "inside" / "loop").symlink_to("loop")
     assert contained(tmp_path / "inside", "a.onnx") == tmp_path / "inside" / "a.onnx"
     assert contained(tmp_path / "inside", "loop") is None
+
+
+@pytest.mark.parametrize("listed", ["../outside.safetensors", "/etc/hostname", "link"])
+def test_a_demo_bundle_never_lists_a_file_outside_itself(tmp_path, listed):
+    """`--demo`: a bundle's backbone or artifact entry that leads out of it is refused before
+    anything is read from it."""
+    from export.onnx_shape import DEMO_FORMAT, DEMO_MANIFEST, ShapeSourceError, from_demo
+
+    root = tmp_path / "demo"
+    root.mkdir()
+    (tmp_path / "outside.safetensors").write_bytes(b"not this bundle's")
+    (root / "link").symlink_to(tmp_path / "outside.safetensors")
+    bundle = {"format": DEMO_FORMAT, "backbone": listed, "artifacts": {}}
+    (root / DEMO_MANIFEST).write_text(json.dumps(bundle))
+    with pytest.raises(ShapeSourceError, match="outside the bundle"):
+        from_demo(root)

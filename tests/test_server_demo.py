@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -12,19 +13,10 @@ import pytest
 
 import export
 import lpi
-from server.demo import MANIFEST, DemoSizes, ensure_demo_bundle
+from server.demo import MANIFEST, QUICK_SIZES, ensure_demo_bundle
 
-# A few seconds per build: the recipe of the default bundle at a fraction of its sizes.
-SIZES = DemoSizes(
-    pretrain_images=64,
-    pretrain_epochs=1,
-    train_per_task=24,
-    test_per_task=6,
-    task_epochs=1,
-    layers=2,
-    tokens=4,
-    batch_size=8,
-)
+# A few seconds per build: the server's --demo-size quick, with even less pretraining.
+SIZES = dataclasses.replace(QUICK_SIZES, pretrain_images=64, pretrain_epochs=1)
 TASKS = 2
 
 
@@ -155,7 +147,6 @@ def test_the_server_on_its_defaults_serves_the_demo(tmp_path):
     import base64
 
     from server.app import create_app
-    from server.demo import QUICK_SIZES
     from server.settings import Settings
     from tests.server_helpers import run, running
     from wire.schema import Readiness

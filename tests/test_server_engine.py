@@ -37,11 +37,6 @@ ROWS = ["a", "b", None, "a", "c", None]  # tasks by fixture name; None = bare ba
 
 
 @pytest.fixture(scope="module")
-def backbone(tiny_runs):
-    return lpi.load_backbone(tiny_runs / "backbone.safetensors")
-
-
-@pytest.fixture(scope="module")
 def fingerprint(backbone):
     return lpi.fingerprint(backbone)
 

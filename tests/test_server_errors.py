@@ -72,17 +72,21 @@ def test_every_domain_exception_has_a_status_and_carries_none_itself():
 # -- the key before the body -------------------------------------------------------------------
 
 
-def test_every_protected_route_checks_the_key_before_reading_the_body(
-    tiny_runs, artifacts, tmp_path
-):
-    app = make_app(tiny_runs, artifacts, tmp_path)
-    # Every operation the schema documents is protected, but for the probes and the index.
-    protected = [
+def _protected(app) -> list[tuple[str, str]]:
+    """Every operation the schema documents is protected, but for the probes and the index."""
+    return [
         (method.upper(), path.replace("{task}", "t"))
         for path, operations in app.openapi()["paths"].items()
         for method in operations
         if path not in PUBLIC
     ]
+
+
+def test_every_protected_route_checks_the_key_before_reading_the_body(
+    tiny_runs, artifacts, tmp_path
+):
+    app = make_app(tiny_runs, artifacts, tmp_path)
+    protected = _protected(app)
     assert len(protected) >= 8, protected  # embed, index, search, tasks: list/get/put/post/delete
 
     async def scenario():
@@ -127,12 +131,7 @@ def test_a_protected_request_checks_its_key_once(tiny_runs, artifacts, tmp_path,
 
     monkeypatch.setattr(deps, "hmac", types.SimpleNamespace(compare_digest=compare_digest))
     app = make_app(tiny_runs, artifacts, tmp_path)
-    protected = [
-        (method.upper(), path.replace("{task}", "t"))
-        for path, operations in app.openapi()["paths"].items()
-        for method in operations
-        if path not in PUBLIC
-    ]
+    protected = _protected(app)
 
     async def scenario():
         async with running(app) as client:

@@ -8,13 +8,9 @@ import threading
 
 import pytest
 
-from tests.server_helpers import b64, create_app, export_artifacts, run, running, settings
+from tests.server_helpers import b64, create_app, run, running, settings
 
-
-@pytest.fixture(scope="module")
-def artifacts(tiny_runs, tmp_path_factory):
-    inbox = tmp_path_factory.mktemp("inbox")
-    return inbox, export_artifacts(tiny_runs, inbox)
+# `artifacts` (inbox, files): tests/app_fixtures.py.
 
 
 def gate_the_model(app) -> threading.Event:

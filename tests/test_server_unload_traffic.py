@@ -87,33 +87,15 @@ def test_unloading_under_traffic_answers_no_5xx(tiny_runs, artifacts, tmp_path, 
                 answers, errors = Counter(), []
                 done = asyncio.Event()
                 item = {"id": "a", "text": "a photo", "payload": {"n": 1}}
+                bodies = {
+                    "/index": {"task": TASK, "items": [item]},
+                    "/search": {"task": TASK, "query": {"text": "a"}},
+                    "/embed": {"task": TASK, "texts": ["a"]},
+                }
                 await asyncio.gather(
-                    _hammer(
-                        client,
-                        "POST",
-                        "/index",
-                        {"task": TASK, "items": [item]},
-                        done,
-                        answers,
-                        errors,
-                    ),
-                    _hammer(
-                        client,
-                        "POST",
-                        "/search",
-                        {"task": TASK, "query": {"text": "a"}},
-                        done,
-                        answers,
-                        errors,
-                    ),
-                    _hammer(
-                        client,
-                        "POST",
-                        "/embed",
-                        {"task": TASK, "texts": ["a"]},
-                        done,
-                        answers,
-                        errors,
+                    *(
+                        _hammer(client, "POST", url, bodies[url], done, answers, errors)
+                        for url in ROUTES
                     ),
                     _churn(client, path, delete_vectors, done, answers, errors),
                 )

@@ -63,6 +63,8 @@ def test_materialise_equals_each_rows_own_product(pool, slots):
     assert prefix.keys.shape == (LAYERS, len(slots), TOKENS, WIDTH)
     assert (prefix.keys.double() - keys).abs().max() <= TOLERANCE
     assert (prefix.values.double() - values).abs().max() <= TOLERANCE
+    if len(set(slots)) == 1:  # one task: its rows share one [J, N, D], a stride-0 view
+        assert prefix.keys.stride(1) == 0 and prefix.values.stride(1) == 0
     if min(slots) >= 0:
         assert prefix.active is None
     else:

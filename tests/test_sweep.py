@@ -12,10 +12,10 @@ from lpi.continual import sweep as sweep_module
 from lpi.continual.data.manifest import read_manifest, write_manifest
 from lpi.continual.run_state import load_state
 from lpi.continual.sweep import SweepError, point_folder, run_sweep, val_score
-from lpi.continual.trainer import TrainConfig
 from lpi.sweep import main as sweep_main
 from lpi.train import main as train_main
 from lpi.train import parse_args as train_args
+from tests.train_helpers import tiny_train_config as _base
 
 
 @pytest.fixture
@@ -34,21 +34,6 @@ def data(tiny_runs, tmp_path):
         moved.append(record)
     write_manifest(folder / "manifest.jsonl", moved)
     return folder
-
-
-def _base(tiny_runs, data, out, **changes):
-    fields = dict(
-        manifest=data / "manifest.jsonl",
-        backbone=str(tiny_runs / "backbone.safetensors"),
-        out=out,
-        layers=2,
-        tokens=4,
-        epochs=1,
-        batch_size=8,
-        cache=True,
-        device="cpu",
-    )
-    return TrainConfig(**(fields | changes))
 
 
 def test_sweep_scores_on_val_picks_the_best_and_resumes(tiny_runs, data, tmp_path, monkeypatch):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,7 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lpi.continual.data import combine, fashion_mnist, manifest, synthetic, synthetic_bench
+from lpi.continual.data import (
+    combine,
+    fashion_mnist,
+    manifest,
+    synthetic,
+    synthetic_bench,
+    synthetic_tasks,
+)
+from lpi.continual.similarity import read_similarity
 from lpi.tokenizer import tokenize
 
 SMALL = dict(train_per_task=6, val_per_task=5, test_per_task=8, pretrain=12, image_size=32)
@@ -27,13 +34,11 @@ def bench_dir(tmp_path_factory) -> Path:
 
 
 def _similarity(folder: Path) -> tuple[list[str], np.ndarray]:
-    """The tasks and similarity matrix a generator recorded (the file, task_similarity.json,
-    is written through the trainer's `write_similarity` where that module is installed)."""
-    families = json.loads((folder / "task_families.json").read_text())
-    if importlib.util.find_spec("lpi.continual.similarity") is not None:
-        assert (folder / "task_similarity.json").is_file()
-    sets = {task: frozenset(f) for task, f in families.items()}
-    return list(families), np.array(synthetic_bench.similarity_matrix(sets))
+    """The tasks and similarity matrix a generator wrote to task_similarity.json, read (and
+    validated) as the trainer reads it; its tasks are those of task_families.json."""
+    given = read_similarity(folder / "task_similarity.json")
+    assert list(given.tasks) == list(json.loads((folder / "task_families.json").read_text()))
+    return list(given.tasks), np.array(given.matrix)
 
 
 def test_bench_suite_writes_train_val_test_of_six_tasks(bench_dir):
@@ -123,8 +128,11 @@ def test_pretraining_grounds_vary_and_name_backgrounds():
     for scene in scenes:  # every object stands out from its ground
         for key in ("colour", "colour2"):
             if key in scene.attributes:
-                rgb = synthetic.COLOURS[scene.attributes[key]]
-                assert np.linalg.norm(np.subtract(rgb, scene.ground)) >= synthetic.MIN_CONTRAST - 20
+                rgb = synthetic_tasks.COLOURS[scene.attributes[key]]
+                assert (
+                    np.linalg.norm(np.subtract(rgb, scene.ground))
+                    >= synthetic_tasks.MIN_CONTRAST - 20
+                )
 
 
 def test_classic_suite_is_byte_for_byte_unchanged(tmp_path):

@@ -18,7 +18,8 @@ from lpi.continual.evaluation import encode
 from lpi.continual.methods import gradient_ratios, method_spec, new_prompts, step_loss
 from lpi.continual.run_state import RunError, load_state
 from lpi.continual.similarity import FILE_NAME, SimilarityError, write_similarity
-from lpi.continual.trainer import TrainConfig, run_training
+from lpi.continual.trainer import run_training
+from tests.train_helpers import tiny_train_config as _config
 
 BAND = (0.01, 10.0)  # the spec's check: an auxiliary term within [0.01, 10] x L_clip's gradient
 
@@ -95,21 +96,6 @@ def data(tiny_runs, tmp_path):
     folder = tmp_path / "data"
     shutil.copytree(tiny_runs / "data", folder)
     return folder
-
-
-def _config(tiny_runs, data, out, **changes):
-    fields = dict(
-        manifest=data / "manifest.jsonl",
-        backbone=str(tiny_runs / "backbone.safetensors"),
-        out=out,
-        layers=2,
-        tokens=4,
-        epochs=1,
-        batch_size=8,
-        cache=True,
-        device="cpu",
-    )
-    return TrainConfig(**(fields | changes))
 
 
 def _tasks(data):

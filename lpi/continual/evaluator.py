@@ -75,15 +75,25 @@ def final_bank(
     return bank
 
 
+def open_run(
+    run: Path, backbone: str | None, device: torch.device | str, doing: str = ""
+) -> tuple[RunState, Backbone]:
+    """A finished run's state and its backbone (`backbone`, default the run's own); RunError
+    for a run with no finished task (the message says what it was for: `doing`) or whose
+    backbone is not the one it trained on."""
+    state = load_state(run)
+    if state is None or not state.done:
+        raise RunError(f"{run}: no finished task{doing} (run python -m lpi.train first)")
+    model = load_backbone(backbone or state.config.backbone, device=device)
+    if fingerprint(model) != state.config.backbone_fingerprint:
+        raise RunError(f"{run}: the backbone differs from the one the run was trained on")
+    return state, model
+
+
 def evaluate_run(config: EvalConfig) -> dict:
     """The report of `config.run` (JSON-safe), computed, not written."""
     run, device = config.run, config.device
-    state = load_state(run)
-    if state is None or not state.done:
-        raise RunError(f"{run}: no finished task to evaluate (run python -m lpi.train first)")
-    backbone = load_backbone(config.backbone or state.config.backbone, device=device)
-    if fingerprint(backbone) != state.config.backbone_fingerprint:
-        raise RunError(f"{run}: the backbone differs from the one the run was trained on")
+    state, backbone = open_run(run, config.backbone, device, " to evaluate")
     records = read_manifest(config.manifest or state.config.manifest)
     size = backbone.config.vision.image_size
     tests = {t: make_test_set(*eval_set(select(records, t, "test"), size)) for t in state.done}

@@ -17,16 +17,20 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action) or ""
 
 
-def add_optimiser_flags(parser: argparse.ArgumentParser, config_class: type, epochs: str) -> None:
+def add_optimiser_flags(
+    parser: argparse.ArgumentParser, config_class: type, epochs: str, lr: bool = True
+) -> None:
     """The flags pretraining and training share (epochs, batch, AdamW, data workers), with the
-    defaults of `config_class`; `epochs` is the help text of --epochs."""
+    defaults of `config_class`; `epochs` is the help text of --epochs; `lr=False` leaves --lr
+    out (a learning-rate sweep takes its own list)."""
 
     def default(name: str) -> Any:
         return default_of(config_class, name)
 
     parser.add_argument("--epochs", type=int, default=default("epochs"), help=epochs)
     parser.add_argument("--batch-size", type=int, default=default("batch_size"), help="batch size")
-    parser.add_argument("--lr", type=float, default=default("lr"), help="peak learning rate")
+    if lr:
+        parser.add_argument("--lr", type=float, default=default("lr"), help="peak learning rate")
     parser.add_argument(
         "--weight-decay", type=float, default=default("weight_decay"), help="AdamW weight decay"
     )

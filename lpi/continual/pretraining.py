@@ -120,10 +120,8 @@ def pretrain(
             part.step(step, len(loader))
             loss = train_step(backbone, batch, optimizer, device)
             scheduler.step()
-            total, count = (
-                total + float(loss.detach()) * len(batch.pixels),
-                count + len(batch.pixels),
-            )
+            total += float(loss) * len(batch.pixels)
+            count += len(batch.pixels)
         history.append(total / count)
         log.info("epoch %d/%d loss %.4f", epoch + 1, epochs, history[-1])
     control.step(1, 1)

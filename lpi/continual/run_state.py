@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from lpi import atomic
 from lpi.config import PromptConfig
+from lpi.continual.losses import TASK_THRESHOLD
 from lpi.routing import TaskKeys
 
 # 2: L_task's rule (task_threshold, similarity, similarity_from_descriptions) is recorded. A
@@ -50,7 +51,7 @@ class RunConfig:
     weight_decay: float
     seed: int
     format: int = RUN_FORMAT
-    task_threshold: float = 0.5  # L_task's Y = S > threshold
+    task_threshold: float = TASK_THRESHOLD  # L_task's Y = S > threshold
     eval_split: str = "test"  # the split each evaluation read ("val" in a learning-rate sweep)
     lr_source: str | None = None  # the sweep file lr came from, if any
     similarity: dict | None = None  # L_task's S: source, tasks, matrix used, threshold

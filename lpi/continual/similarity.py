@@ -96,15 +96,14 @@ def read_similarity(path: str | Path, required: Sequence[str] = ()) -> TaskSimil
     problem = _problem(data.get("tasks"), data.get("matrix"), data.get("source", ""))
     if problem:
         raise SimilarityError(f"{path}: {problem}")
-    missing = [name for name in required if name not in data["tasks"]]
-    if missing:
-        raise SimilarityError(f"{path}: no similarity for task(s) {', '.join(missing)}")
-    return TaskSimilarity(
+    similarity = TaskSimilarity(
         tuple(data["tasks"]),
         tuple(tuple(float(v) for v in row) for row in data["matrix"]),
         str(data.get("source", "")),
         path,
     )
+    similarity.restricted(required)  # SimilarityError, naming the file, for a task it lacks
+    return similarity
 
 
 def default_path(manifest: str | Path) -> Path | None:

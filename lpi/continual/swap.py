@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 
 from lpi import atomic
-from lpi.checkpoint import fingerprint, load_backbone
 from lpi.continual import recall as recall_metrics
 from lpi.continual.data.loader import eval_set
 from lpi.continual.data.manifest import read_manifest, select
 from lpi.continual.evaluation import encode, headline_r1, make_test_set
-from lpi.continual.evaluator import final_bank
-from lpi.continual.run_state import RunError, load_state
+from lpi.continual.evaluator import final_bank, open_run
+from lpi.continual.run_state import RunError
 from lpi.continual.trainer import default_device
 
 log = logging.getLogger("lpi.swap")
@@ -61,12 +60,7 @@ def swap_matrix(
     on another backbone.
     """
     run, device = Path(run), device or default_device()
-    state = load_state(run)
-    if state is None or not state.done:
-        raise RunError(f"{run}: no finished task (run python -m lpi.train first)")
-    model = load_backbone(backbone or state.config.backbone, device=device)
-    if fingerprint(model) != state.config.backbone_fingerprint:
-        raise RunError(f"{run}: the backbone differs from the one the run was trained on")
+    state, model = open_run(run, backbone, device)
     bank = final_bank(run, state, model, device)
     if bank is None:
         raise RunError(f"{run}: method {state.config.method} has no prompts to swap")

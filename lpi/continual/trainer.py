@@ -326,7 +326,8 @@ def run_training(config: TrainConfig, control: Control = NO_CONTROL) -> RunState
     """
     device = torch.device(config.device)
     records = read_manifest(config.manifest, tasks=list(config.tasks) if config.tasks else None)
-    wanted = list(config.tasks) if config.tasks else tasks_in_order(select(records, split="train"))
+    in_order = tasks_in_order(select(records, split="train"))
+    wanted = list(config.tasks) if config.tasks else in_order
     missing = [t for t in wanted if not select(records, t, config.eval_split)]
     if missing:
         raise RunError(
@@ -335,7 +336,7 @@ def run_training(config: TrainConfig, control: Control = NO_CONTROL) -> RunState
     given = resolve_similarity(config, wanted)  # a bad matrix stops the run here
     backbone = load_backbone(config.backbone, device=device)
     config.out.mkdir(parents=True, exist_ok=True)
-    state = start_or_resume(config, backbone, tasks_in_order(select(records, split="train")))
+    state = start_or_resume(config, backbone, in_order)
     spec, run = method_spec(config.method), state.config
     prompt_config = run.prompt_config()
     bank, keys = PromptBank(), load_keys(config.out) or TaskKeys()

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from server.errors import field_of_error, refusal_of
+from server.errors import field_of_error, refusal_of, retry_headers
 from server.exceptions import RequestError
 from server.inputs import decode_base64
 from server.registry import TaskNotLoadedError
@@ -49,9 +49,8 @@ class OpenAIRoute(KeyFirstRoute):
                     return error(404, str(err), "model", "model_not_found")
                 if refusal is None:
                     raise
-                retry = getattr(err, "retry_after", None) or refusal.retry_after
-                headers = {"Retry-After": str(max(1, round(retry)))} if retry else None
                 field = getattr(err, "field", None)
+                headers = retry_headers(err, refusal)
                 return error(refusal.status, str(err), field, refusal.code, headers)
 
         return openai_errors

@@ -34,6 +34,7 @@ from PIL import Image
 
 from lpi.continual.data.manifest import Record, write_manifest
 from lpi.continual.data.synthetic import (
+    draw_picks,
     unique_fraction,
     with_articles,
     write_task_similarity,
@@ -154,22 +155,14 @@ def _plan(
     reused. `walks` (label -> iterator over its images) is filled when empty and consumed, so
     a later split that passes the same dict never reuses an image of an earlier one."""
     pool = combinations(task)
-    distinct = split in ("val", "test")
-    if distinct and count > len(pool):
-        log.warning(
-            "%s: %d %s images, only %d distinct combinations", task, count, split, len(pool)
-        )
-    if distinct:
-        picks = np.concatenate([rng.permutation(len(pool)) for _ in range(-(-count // len(pool)))])
-    else:
-        picks = rng.integers(len(pool), size=count)
+    picks = draw_picks(rng, len(pool), count, task, split)
     walks = {} if walks is None else walks
     if not walks:
         walks.update(
             {label: iter(rng.permutation(np.flatnonzero(labels == label))) for label in TASKS[task]}
         )
     plan = []
-    for pick in picks[:count]:
+    for pick in picks:
         attrs = pool[pick]
         index = next(walks[attrs["label"]], None)
         if index is None:

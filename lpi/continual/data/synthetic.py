@@ -39,7 +39,6 @@ import argparse
 import hashlib
 import itertools
 import logging
-import math
 import re
 import time
 from collections import Counter
@@ -63,18 +62,18 @@ from lpi.continual.data.synthetic_bench import (
     plural,
     similarity_matrix,
 )
-from lpi.continual.data.synthetic_tasks import (  # re-exported: the benchmark's vocabulary
-    COLOURS,
-    MIN_CONTRAST,
+from lpi.continual.data.synthetic_tasks import (
     POSITIONS,
     PRETRAIN,
     TASKS,
     TaskSpec,
+    contrasts,
     pretrain_extras,
 )
 from lpi.continual.data.synthetic_tasks import (
     TASK_NAMES as TASK_NAMES,
 )
+from lpi.continual.similarity import write_similarity
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +113,7 @@ def combinations(name: str) -> tuple[dict, ...]:
 
 
 def _drawable(attrs: dict, ground: RGB) -> bool:
-    colours = [attrs[key] for key in ("colour", "colour2") if key in attrs]
-    if any(math.dist(COLOURS[c], ground) < MIN_CONTRAST for c in colours):
+    if not contrasts(attrs, ground):
         return False
     if "shape2" in attrs:  # two identical objects would be "two red circles"
         return (attrs["shape"], attrs["colour"]) != (attrs["shape2"], attrs["colour2"])
@@ -162,10 +160,8 @@ def make_scenes(
     task = task_spec(name)
     pool = combinations(name)
     rng = np.random.default_rng([seed, _stable_id(name), _stable_id(split)])
-    distinct = split in ("val", "test")  # evaluated splits: every caption names one image
-    picks = _distinct(rng, len(pool), count, name) if distinct else _any(rng, len(pool), count)
     scenes = []
-    for index in picks:
+    for index in draw_picks(rng, len(pool), count, name, split):
         attrs = dict(pool[index])  # a copy: the pool is cached
         if task is PRETRAIN:
             attrs = pretrain_extras(attrs, rng)
@@ -183,15 +179,18 @@ def _stable_id(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
-def _distinct(rng: np.random.Generator, size: int, count: int, name: str) -> np.ndarray:
+def draw_picks(
+    rng: np.random.Generator, size: int, count: int, name: str, split: str
+) -> np.ndarray:
+    """`count` indices into a pool of `size` combinations. Val and test (evaluated splits,
+    where every caption must name one image) draw without replacement, cycling through fresh
+    permutations (with a warning) only when `count` exceeds `size`; train draws any."""
+    if split not in ("val", "test"):
+        return rng.integers(size, size=count)
     if count > size:
-        log.warning("%s: %d test images but only %d distinct combinations", name, count, size)
+        log.warning("%s: %d %s images but only %d distinct combinations", name, count, split, size)
     rounds = -(-count // size)
     return np.concatenate([rng.permutation(size) for _ in range(rounds)])[:count]
-
-
-def _any(rng: np.random.Generator, size: int, count: int) -> np.ndarray:
-    return rng.integers(size, size=count)
 
 
 # --- the dataset on disk -----------------------------------------------------------------------
@@ -284,11 +283,6 @@ def write_task_similarity(out: Path, task_families: dict[str, frozenset[str]], s
     atomic.write_json(
         out / "task_families.json", {task: sorted(f) for task, f in task_families.items()}
     )
-    try:
-        from lpi.continual.similarity import write_similarity
-    except ImportError:  # a trainer without similarity files: nothing would read it
-        log.warning("lpi.continual.similarity is not installed: no task_similarity.json")
-        return
     matrix = similarity_matrix(task_families)
     write_similarity(out / "task_similarity.json", list(task_families), matrix, source)
 

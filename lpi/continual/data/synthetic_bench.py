@@ -18,7 +18,6 @@ exact templates and combinations stay unseen, so prompts still have something to
 
 from __future__ import annotations
 
-import math
 from itertools import combinations as pairs
 
 import numpy as np
@@ -27,7 +26,6 @@ from lpi.continual.data.drawing import RGB, Thing
 from lpi.continual.data.synthetic_tasks import (
     BACKGROUNDS,
     COLOURS,
-    MIN_CONTRAST,
     POSITIONS,
     SHAPE_COLOUR,
     SHAPES,
@@ -35,10 +33,16 @@ from lpi.continual.data.synthetic_tasks import (
     TASKS,
     TEXTURES,
     TaskSpec,
-    _anywhere,
+    _dark,
+    _grey,
     _jitter,
+    _light,
+    _named,
     _pair_things,
+    _pretrain_things,
     _thing,
+    contrasts,
+    near,
 )
 
 BACKGROUNDS_2: dict[str, RGB] = {  # the named grounds of "backgrounds-positions", drawn as a fade
@@ -70,9 +74,7 @@ def _felt(attrs: dict, rng: np.random.Generator) -> tuple[RGB, str]:
 
 
 def _placed_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]:
-    x, y = POSITIONS[attrs["position"]][0]
-    centre = (x + rng.uniform(-0.03, 0.03), y + rng.uniform(-0.03, 0.03))
-    return (_thing(attrs, rng, centre, "small", "plain"),)
+    return (_thing(attrs, rng, near(attrs["position"], rng), "small", "plain"),)
 
 
 def _counted_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]:
@@ -179,7 +181,7 @@ def bench_pretrain_extras(attrs: dict, rng: np.random.Generator) -> dict:
         extras["texture"] = str(rng.choice(TEXTURES))
     scene = attrs | extras
     if named["background"]:
-        palette = [name for name, rgb in _PALETTE.items() if _contrasts(scene, rgb)]
+        palette = [name for name, rgb in _PALETTE.items() if contrasts(scene, rgb)]
         scene["background"] = str(rng.choice(palette))
     return scene
 
@@ -187,37 +189,22 @@ def bench_pretrain_extras(attrs: dict, rng: np.random.Generator) -> dict:
 _PALETTE = {**BACKGROUNDS, **BACKGROUNDS_2}
 
 
-def _contrasts(attrs: dict, ground: RGB) -> bool:
-    """Every object colour of the scene stands out from this ground."""
-    colours = [attrs[key] for key in ("colour", "colour2") if key in attrs]
-    return all(math.dist(COLOURS[c], ground) >= MIN_CONTRAST for c in colours)
-
-
 def _varied_ground(attrs: dict, rng: np.random.Generator) -> tuple[RGB, str]:
     """A named background as its task draws it, else an unnamed grey, dark, light or colour."""
     if "background" in attrs:
-        name = attrs["background"]
-        if name in BACKGROUNDS_2:
-            return _jitter(BACKGROUNDS_2[name], rng, 10), "fade"
-        return _jitter(BACKGROUNDS[name], rng, 10), "plain"
+        return (_fade if attrs["background"] in BACKGROUNDS_2 else _named)(attrs, rng)
     for _ in range(100):  # a ground the objects stand out from (one try in a few fails)
         ground, style = _unnamed_ground(rng)
-        if _contrasts(attrs, ground):
+        if contrasts(attrs, ground):
             return ground, style
     return (125, 125, 125), "plain"  # every object colour contrasts with mid grey
 
 
 def _unnamed_ground(rng: np.random.Generator) -> tuple[RGB, str]:
+    """The classic tasks' grey, dark or light ground (3 in 5), else a random colour."""
     kind = int(rng.integers(5))
-    if kind == 0:
-        v = int(rng.integers(70, 181))
-        return (v, v, v), "plain"
-    if kind == 1:
-        v = int(rng.integers(10, 41))
-        return (v, v, v + 20), "plain"
-    if kind == 2:
-        v = int(rng.integers(215, 246))
-        return (v, v, v - 12), "plain"
+    if kind < 3:
+        return (_grey, _dark, _light)[kind]({}, rng)
     r, g, b = (int(c) for c in rng.integers(0, 256, size=3))
     return (r, g, b), str(rng.choice(("plain", "grid", "fade")))
 
@@ -227,14 +214,7 @@ def _bench_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]:
         return _pair_things(attrs, rng)
     if "count" in attrs:
         return _counted_things(attrs, rng)
-    default = ("medium",) if "position" in attrs else ("medium", "large")
-    size = attrs.get("size") or str(rng.choice(default))
-    if "position" in attrs:
-        x, y = POSITIONS[attrs["position"]][0]
-        centre = (x + rng.uniform(-0.03, 0.03), y + rng.uniform(-0.03, 0.03))
-    else:
-        centre = _anywhere(size, rng)
-    return (_thing(attrs, rng, centre, size, attrs.get("texture", "plain")),)
+    return _pretrain_things(attrs, rng)  # one object, drawn as the classic pretraining set's
 
 
 def bench_caption(attrs: dict, rng: np.random.Generator) -> str:

@@ -4,6 +4,7 @@ composes its scenes (`TaskSpec`). `lpi.continual.data.synthetic` samples and wri
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -116,6 +117,18 @@ def _anywhere(size: str, rng: np.random.Generator) -> tuple[float, float]:
     return float(x), float(y)
 
 
+def near(position: str, rng: np.random.Generator) -> tuple[float, float]:
+    """A named position's centre, moved by up to 0.03 of the side each way."""
+    x, y = POSITIONS[position][0]
+    return (x + rng.uniform(-0.03, 0.03), y + rng.uniform(-0.03, 0.03))
+
+
+def contrasts(attrs: dict, ground: RGB) -> bool:
+    """Every object colour of the scene stands out from this ground (by MIN_CONTRAST)."""
+    colours = [attrs[key] for key in ("colour", "colour2") if key in attrs]
+    return all(math.dist(COLOURS[c], ground) >= MIN_CONTRAST for c in colours)
+
+
 def pretrain_extras(attrs: dict, rng: np.random.Generator) -> dict:
     """Size, texture and position, each named with probability PRETRAIN_NAMING[family]."""
     named = {key: bool(rng.random() < p) for key, p in PRETRAIN_NAMING.items()}
@@ -133,11 +146,7 @@ def _pretrain_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]
     """Unnamed attributes stay plain, medium or large, anywhere (so shape is easy to learn)."""
     default = ("medium",) if "position" in attrs else PRETRAIN_SIZES
     size = attrs.get("size") or str(rng.choice(default))
-    if "position" in attrs:
-        x, y = POSITIONS[attrs["position"]][0]
-        centre = (x + rng.uniform(-0.03, 0.03), y + rng.uniform(-0.03, 0.03))
-    else:
-        centre = _anywhere(size, rng)
+    centre = near(attrs["position"], rng) if "position" in attrs else _anywhere(size, rng)
     return (_thing(attrs, rng, centre, size, attrs.get("texture", "plain")),)
 
 
@@ -156,9 +165,7 @@ def _texture_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]:
 
 
 def _position_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]:
-    x, y = POSITIONS[attrs["position"]][0]
-    centre = (x + rng.uniform(-0.03, 0.03), y + rng.uniform(-0.03, 0.03))
-    return (_thing(attrs, rng, centre, attrs["size"], "plain"),)
+    return (_thing(attrs, rng, near(attrs["position"], rng), attrs["size"], "plain"),)
 
 
 def _centred_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]:
@@ -238,12 +245,3 @@ TASKS = (
     ),
 )
 TASK_NAMES = tuple(task.name for task in TASKS)
-
-
-def task_spec(name: str) -> TaskSpec:
-    for task in (PRETRAIN, *TASKS):
-        if task.name == name:
-            return task
-    raise ValueError(
-        f"unknown synthetic task {name!r}; choose from pretrain, {', '.join(TASK_NAMES)}"
-    )
