@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import lpi
-from export.bundle import build_bundle
+from export.bundle import BundleRecipe, build_bundle
 from export.tasks import export_run
 from lpi.continual.control import Cancelled, Control
 from lpi.continual.data import synthetic
@@ -50,7 +50,6 @@ def tiny_runs(tmp_path_factory):
     """conftest's recipe built here, right before the comparisons: the session's own copy may
     have been built long before, and these tests compare floats bit for bit, which holds only
     for runs made under the same conditions (the same process state, thread count and load)."""
-    from export.bundle import BundleRecipe
     from tests.conftest import TINY_RECIPE
 
     root = tmp_path_factory.mktemp("tiny-runs-here")
@@ -98,6 +97,8 @@ def test_the_tests_recipe_gives_what_its_argv_lists_gave(tiny_runs, tmp_path):
                 "--batch-size",
                 "8",
                 "--cache",
+                "--lr",  # the bundle's recipe names its lr; lpi.train's default is per method
+                str(BundleRecipe().lr),
             ]
         )
         == 0

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 import lpi
+from export.bundle import BundleRecipe
 from lpi.continual.run_state import load_state, task_file
 from lpi.evaluate import main as evaluate_main
 from lpi.train import main as train_main
@@ -30,6 +31,8 @@ def _args(root, out, *extra):
         "--batch-size",
         "8",
         "--cache",
+        "--lr",  # the tiny runs' (the bundle's recipe), not the method's default
+        str(BundleRecipe().lr),
         *extra,
     ]
 
@@ -159,3 +162,19 @@ def test_pretraining_a_set_smaller_than_one_batch(tiny_runs, tmp_path):
     )
     assert code == 0
     assert lpi.load_backbone(out).config.vision.image_size == 32
+
+
+def test_the_default_lr_is_the_sweeps_choice_per_method_and_is_recorded(tmp_path):
+    """No --lr: each method gets the best rate the bench sweep found, and run.json says so."""
+    from lpi.continual.methods import DENSE_LR, LPI_LR
+    from lpi.continual.trainer import TrainConfig
+
+    def config(method, **fields):
+        return TrainConfig(
+            manifest=tmp_path / "m", backbone="tiny", out=tmp_path, method=method, **fields
+        )
+
+    assert (config("dense").lr, config("dense").lr_source) == (DENSE_LR, "default for dense")
+    for method in ("lpi", "lpi-no-interaction", "lpi-no-layer", "lpi-no-task", "shared"):
+        assert (config(method).lr, config(method).lr_source) == (LPI_LR, f"default for {method}")
+    assert (config("lpi", lr=0.5).lr, config("lpi", lr=0.5).lr_source) == (0.5, None)

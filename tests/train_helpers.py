@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from export.bundle import BundleRecipe
 from lpi.continual.trainer import TrainConfig
 
 
@@ -18,6 +19,7 @@ def tiny_train_config(tiny_runs: Path, data: Path, out: Path, **changes: object)
         tokens=4,
         epochs=1,
         batch_size=8,
+        lr=BundleRecipe().lr,  # as the tiny runs (the bundle's recipe), not the method default
         cache=True,
         device="cpu",
     )

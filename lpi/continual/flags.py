@@ -7,6 +7,8 @@ import argparse
 import dataclasses
 from typing import Any
 
+from lpi.continual.methods import DENSE_LR, LPI_LR
+
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
     """`--help` with "(default: ...)" on every optional flag, but not on required ones."""
@@ -30,7 +32,14 @@ def add_optimiser_flags(
     parser.add_argument("--epochs", type=int, default=default("epochs"), help=epochs)
     parser.add_argument("--batch-size", type=int, default=default("batch_size"), help="batch size")
     if lr:
-        parser.add_argument("--lr", type=float, default=default("lr"), help="peak learning rate")
+        peak = default("lr")
+        about = "peak learning rate" + (
+            f"; None: the best the bench sweep found for the method ({LPI_LR:g} for LPI, its "
+            f"ablations and the shared prompt, {DENSE_LR:g} for dense)"
+            if peak is None
+            else ""
+        )
+        parser.add_argument("--lr", type=float, default=peak, help=about)
     parser.add_argument(
         "--weight-decay", type=float, default=default("weight_decay"), help="AdamW weight decay"
     )

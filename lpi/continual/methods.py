@@ -37,6 +37,19 @@ METHODS = {
 }
 
 
+# The peak learning rates the bench sweep chose (docs/continual_results.md). Prompts enter
+# through LN1, so only Adam's step against a parameter's size matters, and LPI's factors sit
+# near 0.5 where dense entries sit near 0.06: one rate for both would favour dense prompts.
+LPI_LR = 0.1
+DENSE_LR = 0.03
+
+
+def default_lr(method: str) -> float:
+    """The best peak lr found for `method` (LPI's for its ablations, the shared prompt and
+    zero-shot, which train LPI's factors or nothing)."""
+    return DENSE_LR if method == "dense" else LPI_LR
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     dense: bool = False

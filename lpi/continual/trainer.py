@@ -33,6 +33,7 @@ from lpi.continual.evaluation import evaluate_seen, make_test_set
 from lpi.continual.methods import (
     METHODS,
     MethodSpec,
+    default_lr,
     describe_tasks,
     gradient_ratios,
     make_optimizer,
@@ -77,7 +78,7 @@ class TrainConfig:
     interaction_rank: int = 4  # R_i
     epochs: int = 5
     batch_size: int = 64
-    lr: float = 1e-2
+    lr: float | None = None  # peak lr; None: default_lr(method), the best the bench sweep found
     weight_decay: float = 0.0
     workers: int = 0  # data loader worker processes
     cache: bool = False  # hold decoded pixels in memory
@@ -102,6 +103,16 @@ class TrainConfig:
             object.__setattr__(self, "similarity", Path(self.similarity))
         if self.tasks is not None:
             object.__setattr__(self, "tasks", tuple(self.tasks))
+        if self.lr is None:
+            object.__setattr__(self, "lr", default_lr(self.method))
+            if self.lr_source is None:
+                object.__setattr__(self, "lr_source", f"default for {self.method}")
+
+    @property
+    def peak_lr(self) -> float:
+        """`lr`, which __post_init__ has always filled in."""
+        assert self.lr is not None
+        return self.lr
 
 
 def start_or_resume(config: TrainConfig, backbone: Backbone, manifest_tasks: list[str]) -> RunState:
@@ -123,7 +134,7 @@ def start_or_resume(config: TrainConfig, backbone: Backbone, manifest_tasks: lis
         prompt=prompt.to_dict(),
         epochs=config.epochs,
         batch_size=config.batch_size,
-        lr=config.lr,
+        lr=config.peak_lr,
         weight_decay=config.weight_decay,
         seed=config.seed,
         task_threshold=config.task_threshold,
@@ -252,7 +263,7 @@ def train_task(
     )
     steps = config.epochs * len(loader)
     optimizer, scheduler = make_optimizer(
-        prompts.parameters(), config.lr, config.weight_decay, steps
+        prompts.parameters(), config.peak_lr, config.weight_decay, steps
     )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     history, done, ratios = [], 0, {}
