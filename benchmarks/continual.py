@@ -34,14 +34,13 @@ from lpi.checkpoint import fingerprint, load_backbone
 from lpi.config import PromptConfig
 from lpi.continual import swap
 from lpi.continual.evaluator import EvalConfig, run_evaluation
-from lpi.continual.methods import method_spec, new_prompts
+from lpi.continual.methods import default_lr, lr_family, method_spec, new_prompts
 from lpi.continual.sweep import SWEEP_FILE, read_sweep
 from lpi.continual.trainer import TrainConfig, default_device, run_training
 
 log = logging.getLogger("benchmarks.continual")
 FORMAT = 1
 ROW = "bench.json"
-SWEEP_FALLBACK = {m: "lpi" for m in ("lpi-no-interaction", "lpi-no-layer", "lpi-no-task", "shared")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +55,7 @@ class Config:
     family: str  # the Pareto curve it belongs to (dense, lpi, lpi-no-interaction) or the method
     parameters_per_task: int = 0
     matched_to: str | None = None  # the interaction config whose count this one matches
+    interaction_rank: int = 4  # R_i of the interaction maps (LPI with interaction only)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,44 +69,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--only", nargs="+", default=None, help="run only runs whose CONFIG/seed-S matches a glob")
     add("--list", action="store_true", help="print the configs with their parameter counts, exit")
     add("--sweep", type=Path, default=None, help="folder of sweep.json: per-method lr")
-    add("--lr", type=float, default=3e-2, help="lr of every method the sweep does not name")
     add("--epochs", type=int, default=30, help="epochs per task")
     add("--batch-size", type=int, default=64)
     add("--layers", type=int, default=4, help="J of the LPI configs")
     add("--tokens", type=int, default=8, help="N of the LPI configs")
     add("--rank", type=int, default=4, help="R of the headline LPI and its ablations")
     add("--ranks", nargs="+", type=int, default=[1, 2, 4, 8, 16], help="LPI Pareto ranks")
+    add("--interaction-rank", type=int, default=4, help="R_i of the LPI configs")
+    add(
+        "--low-interaction-ranks",
+        nargs="*",
+        type=int,
+        default=[1, 2, 4],
+        help="ranks R of extra LPI configs at R_i = 1, the interaction's fewest parameters "
+        "(none: pass the flag empty)",
+    )
     add("--dense-shapes", nargs="+", default=["1x2", "2x4", "4x8"], help="dense JxN shapes")
     add("--device", default=default_device())
     add_data_flags(parser)
     return parser.parse_args(argv)
 
 
-def prompt_count(method: str, layers: int, tokens: int, rank: int, backbone) -> int:
+def prompt_count(
+    method: str, layers: int, tokens: int, rank: int, backbone, interaction_rank: int = 4
+) -> int:
     """Trainable parameters per task of one config (0 for zero-shot)."""
     if not method_spec(method).trains:
         return 0
     depth = min(backbone.config.vision.layers, backbone.config.text.layers)
-    config = PromptConfig(layers=min(layers, depth), tokens=tokens, rank=rank)
+    config = PromptConfig(
+        layers=min(layers, depth), tokens=tokens, rank=rank, interaction_rank=interaction_rank
+    )
     return new_prompts(method, config, backbone).num_parameters()
 
 
 def make_configs(args: argparse.Namespace, backbone) -> list[Config]:
     """Every row of the benchmark, in run order, with its parameter count per task."""
-    j, n, r = args.layers, args.tokens, args.rank
+    j, n, r, ri = args.layers, args.tokens, args.rank, args.interaction_rank
     plan = [
-        ("zero-shot", "zero-shot", j, n, r, "zero-shot"),
-        ("shared", "shared", j, n, r, "shared"),
+        ("zero-shot", "zero-shot", j, n, r, "zero-shot", ri),
+        ("shared", "shared", j, n, r, "shared", ri),
     ]
     for shape in args.dense_shapes:
         dj, dn = (int(v) for v in shape.lower().split("x"))
-        plan.append((f"dense-J{dj}N{dn}", "dense", dj, dn, r, "dense"))
+        plan.append((f"dense-J{dj}N{dn}", "dense", dj, dn, r, "dense", ri))
     for method in ("lpi", "lpi-no-interaction"):
-        plan += [(f"{method}-R{rank}", method, j, n, rank, method) for rank in args.ranks]
-    plan += [(f"{m}-R{r}", m, j, n, r, m) for m in ("lpi-no-layer", "lpi-no-task")]
-    configs = [Config(*p, prompt_count(p[1], *p[2:5], backbone)) for p in plan]  # type: ignore[arg-type]
+        plan += [(f"{method}-R{rank}", method, j, n, rank, method, ri) for rank in args.ranks]
+    plan += [(f"{m}-R{r}", m, j, n, r, m, ri) for m in ("lpi-no-layer", "lpi-no-task")]
+    # LPI with the interaction at its fewest parameters: R_i = 1.
+    plan += [(f"lpi-R{k}-Ri1", "lpi", j, n, k, "lpi-Ri1", 1) for k in args.low_interaction_ranks]
+    configs = [
+        Config(*p[:6], prompt_count(*p[1:5], backbone, p[6]), None, p[6])  # type: ignore[arg-type]
+        for p in plan
+    ]
     # Interaction vs none at a matched count: the no-interaction rank nearest lpi-R{r}'s count.
-    target = prompt_count("lpi", j, n, r, backbone)
+    target = prompt_count("lpi", j, n, r, backbone, ri)
     per_rank = {
         k: prompt_count("lpi-no-interaction", j, n, k, backbone) for k in range(1, 8 * r + 1)
     }
@@ -123,6 +140,7 @@ def make_configs(args: argparse.Namespace, backbone) -> list[Config]:
             "lpi-no-interaction",
             per_rank[matched],
             f"lpi-R{r}",
+            ri,
         )
     )
     return configs
@@ -151,6 +169,7 @@ def train_config(args, config: Config, seed: int, manifest: Path, backbone: str,
         layers=config.layers,
         tokens=config.tokens,
         rank=config.rank,
+        interaction_rank=config.interaction_rank,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=recipe["lr"],
@@ -167,16 +186,17 @@ def run_folder(args: argparse.Namespace, config: Config, seed: int) -> Path:
     return args.out / "runs" / config.name / f"seed-{seed}"
 
 
-def learning_rate(args, config: Config, points: dict[str, dict]) -> dict:
-    """lr, init std and their source: the sweep's choice for the config's method, else for
-    LPI where the method trains LPI's factors (its ablations, the shared prompt: same scale),
-    else --lr and the default init."""
-    for method in (config.method, SWEEP_FALLBACK.get(config.method)):
+def learning_rate(config: Config, points: dict[str, dict]) -> dict:
+    """lr, init std and their source: the sweep's choice for the config's method, else for its
+    family (`lr_family`: LPI's for its ablations and the shared prompt), else the trainer's
+    default for the method (`default_lr`) and the default init."""
+    for method in dict.fromkeys((config.method, lr_family(config.method))):
         if method in points:
             point = points[method]
             source = f"sweep: {method}"
             return {"lr": point["lr"], "init_std": point.get("init_std"), "lr_source": source}
-    return {"lr": args.lr, "init_std": None, "lr_source": "--lr"}
+    method = config.method
+    return {"lr": default_lr(method), "init_std": None, "lr_source": f"default for {method}"}
 
 
 def finished_row(folder: Path, wanted: dict) -> dict:
@@ -204,7 +224,11 @@ def measure(folder: Path) -> dict:
     """Final recall, forgetting and routing of a finished run, from its eval.json."""
     report = json.loads((folder / "eval.json").read_text())
     final = report["final"]
-    row = {"tasks": report["tasks"], "routing_accuracy": report["routing_accuracy_final"]}
+    row = {
+        "tasks": report["tasks"],
+        "routing_accuracy": report["routing_accuracy_final"],
+        "routing_confusion": final.get("routing_confusion"),
+    }
     for mode in ("oracle", "routed"):
         per_task = [final[mode][t]["task"] for t in report["tasks"]]
         row[mode] = {
@@ -223,7 +247,7 @@ def measure(folder: Path) -> dict:
 def run_one(args, config: Config, seed: int, backbone: str, identity: str, points) -> dict:
     """Train, evaluate and swap one (config, seed), or return its finished row."""
     folder = run_folder(args, config, seed)
-    recipe = learning_rate(args, config, points)
+    recipe = learning_rate(config, points)
     wanted = settings(args, config, recipe, identity)
     if (folder / ROW).exists():
         return finished_row(folder, wanted)
@@ -280,7 +304,7 @@ def finished_rows(args, configs: list[Config], points: dict[str, dict], backbone
     """Every finished row of the planned runs, each checked against today's settings."""
     rows = {}
     for config in configs:
-        wanted = settings(args, config, learning_rate(args, config, points), backbone)
+        wanted = settings(args, config, learning_rate(config, points), backbone)
         for seed in args.seeds:
             folder = run_folder(args, config, seed)
             if (folder / ROW).exists():
@@ -309,7 +333,7 @@ def write_results(args, configs, rows, points, backbone, started: float) -> None
             "pretrain_images": None if args.backbone else args.pretrain_images,
             "pretrain_epochs": None if args.backbone else args.pretrain_epochs,
             "backbone_seed": None if args.backbone else args.backbone_seed,
-            "lr": args.lr,
+            "default_lr": {family: default_lr(family) for family in ("lpi", "dense")},
             "sweep": None if args.sweep is None else str(args.sweep),
             "sweep_points": points,
         },
@@ -359,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in make_configs(args, model):
             print(
                 f"{c.name:28s} {c.method:20s} J={c.layers} N={c.tokens} R={c.rank} "
-                f"params/task={c.parameters_per_task:,}"
+                f"R_i={c.interaction_rank} params/task={c.parameters_per_task:,}"
             )
         return 0
     args.out.mkdir(parents=True, exist_ok=True)

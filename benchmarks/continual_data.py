@@ -7,9 +7,10 @@ true task similarity. The backbone is pretrained once, on the pretraining split 
 --backbone-seed's data (default 0, whichever seeds run), through the recipe-keyed cache of
 `lpi.continual.pretraining`.
 
-OUT/data/seed-S/data.json records the generation parameters; a rerun asking for other data
-(sizes, suite, tasks, image size, Fashion groups) is refused, naming the file, rather than
-reusing the old data under the new flags. More pretraining images than asked still serve:
+OUT/data/seed-S/data.json records the generation parameters and the generators' version; a
+rerun asking for other data (sizes, suite, tasks, image size, Fashion groups and pretraining
+images) or made by other generators is refused, naming the file, rather than reusing the old
+data under the new flags. More pretraining images than asked still serve:
 each split is drawn from its own seed, so the task data does not depend on that count.
 """
 
@@ -28,6 +29,9 @@ from lpi.continual.data.manifest import read_manifest
 from lpi.continual.data.manifest import tasks as tasks_in_order
 
 log = logging.getLogger("benchmarks.continual")
+# The generators' version: bumped whenever they draw other data from the same parameters
+# (2: counts in rows and columns on a felt; Fashion-MNIST's pretraining split).
+GENERATOR = 2
 FASHION_DEFAULTS = {"train_per_task": 1000, "val_per_task": 100, "test_per_task": 100}
 DATA_FILE = "data.json"
 
@@ -42,6 +46,13 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
         default=["tops"],
         help="Fashion-MNIST groups appended "
         "after the synthetic tasks when the package is installed (none: pass the flag empty)",
+    )
+    add(
+        "--fashion-pretrain",
+        type=int,
+        default=2000,
+        help="Fashion-MNIST pretraining images (all ten classes) added to the backbone's "
+        "pretraining set when groups are asked for, so it learns every garment word",
     )
     add("--train-per-task", type=int, default=None, help="default: the suite's")
     add("--val-per-task", type=int, default=None, help="default: the suite's")
@@ -74,6 +85,7 @@ def data_parameters(args: argparse.Namespace, seed: int, pretrain_images: int) -
     """What the data of one seed is generated from (data.json's content)."""
     fashion = bool(args.fashion_groups) and fashion_mnist.available()
     return {
+        "generator": GENERATOR,
         "seed": seed,
         "suite": args.suite,
         "tasks": args.tasks,
@@ -81,6 +93,7 @@ def data_parameters(args: argparse.Namespace, seed: int, pretrain_images: int) -
         "image_size": args.image_size,
         "pretrain_images": pretrain_images,
         "fashion_groups": list(args.fashion_groups) if fashion else [],
+        "fashion_pretrain": args.fashion_pretrain if fashion else 0,
     }
 
 
@@ -130,7 +143,12 @@ def prepare_data(args: argparse.Namespace, seed: int, pretrain_images: int) -> P
         synthetic_folder, pretrain=pretrain_images, image_size=args.image_size, seed=seed, **extra
     )
     if fashion:
-        fashion_mnist.generate(folder / "fashion", seed=seed, **(FASHION_DEFAULTS | sizes(args)))
+        fashion_mnist.generate(
+            folder / "fashion",
+            seed=seed,
+            pretrain=args.fashion_pretrain,
+            **(FASHION_DEFAULTS | sizes(args)),
+        )
         names = [*tasks_in_order(read_manifest(synthetic_folder / "manifest.jsonl"))]
         names += args.fashion_groups
         combine.combine(folder, [synthetic_folder, folder / "fashion"], tasks=names)

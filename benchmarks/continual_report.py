@@ -21,6 +21,8 @@ import math
 import statistics
 from pathlib import Path
 
+from continual_per_task import per_task_lines, per_task_r1, routing_lines, routing_summary
+
 from lpi import atomic
 
 # (key, header, path in a run row); every metric is aggregated over seeds.
@@ -43,7 +45,7 @@ METRICS = [
         "seconds.total",
     ),  # training with its per-task evaluations, final eval, swap
 ]
-PARETO_FAMILIES = ("dense", "lpi", "lpi-no-interaction")
+PARETO_FAMILIES = ("dense", "lpi", "lpi-Ri1", "lpi-no-interaction")
 ABLATIONS = ("shared", "lpi-no-layer", "lpi-no-task")  # single points beside the curves
 PNG, JSON_OUT, MARKDOWN = "continual_pareto.png", "continual_results.json", "continual_results.md"
 
@@ -209,6 +211,16 @@ def planned_comparisons(results: dict) -> list[tuple[str, str, str, str]]:
         ("L_task on vs off, routed R@1", head, "lpi-no-task-R" + str(shape["rank"]), "routed.r1"),
         ("LPI vs zero-shot, routed R@1", head, "zero-shot", "routed.r1"),
     ]
+    plan += [  # the goal: LPI near dense (J, N) at a third of its parameters or fewer
+        (
+            f"LPI R{c['rank']}, R_i = 1, vs dense prompts of its shape, oracle R@1",
+            c["name"],
+            dense,
+            "oracle.r1",
+        )
+        for c in configs.values()
+        if c["family"] == "lpi-Ri1"
+    ]
     return [(q, a, b, m) for q, a, b, m in plan if a in configs and b in configs]
 
 
@@ -272,8 +284,12 @@ def comparison_lines(found: list[dict]) -> list[str]:
 
 def lr_lines(results: dict, agg: dict[str, dict]) -> list[str]:
     sweep = results["protocol"].get("sweep")
-    lr = results["protocol"]["lr"]
-    head = f"from the sweep in {sweep}, --lr {lr} where it names none" if sweep else f"--lr {lr}"
+    defaults = results["protocol"].get("default_lr") or {}
+    fallback = ", ".join(f"{family} {lr:g}" for family, lr in defaults.items())
+    fallback = f"the trainer's defaults ({fallback})" if fallback else "the trainer's defaults"
+    if "lr" in results["protocol"]:  # results of the version that had an --lr flag
+        fallback = f"--lr {results['protocol']['lr']}"
+    head = f"from the sweep in {sweep}, {fallback} where it names none" if sweep else fallback
     lines = [f"Learning rates and init std ({head}; init std: the default where not swept):"]
     for name, entry in agg.items():
         lrs = ", ".join(
@@ -321,6 +337,8 @@ def markdown(results: dict, agg: dict[str, dict], found: list[dict]) -> str:
     parts += comparison_lines(found)
     task_pair = [c for c in found if c["metric"] == "swap.gap"]
     parts += swap_lines(agg, [task_pair[0]["a"], task_pair[0]["b"]] if task_pair else [])
+    parts += per_task_lines(per_task_r1(results))
+    parts += routing_lines(routing_summary(results))
     parts += ["", *lr_lines(results, agg)]
     if results["missing"]:
         parts += ["", f"Missing runs ({len(results['missing'])}): {', '.join(results['missing'])}"]
@@ -348,7 +366,8 @@ def plot(agg: dict[str, dict], path: Path, title: str) -> None:
         errors = [p[1]["std"] or 0.0 for p in points]
         axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=family)
         for x, y, (_, _, name) in zip(xs, ys, points, strict=True):
-            axes.annotate(name.split("-")[-1], (x, y), textcoords="offset points", xytext=(4, 4))
+            label = name.removesuffix("-Ri1").split("-")[-1]
+            axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4))
     for name, entry in agg.items():
         if entry["config"]["family"] in ABLATIONS and entry["metrics"]["r1"]["n"]:
             r1 = entry["metrics"]["r1"]
@@ -391,6 +410,8 @@ def report(results_path: Path, out_dir: Path) -> dict:
         "machine": results["machine"],
         "aggregate": agg,
         "comparisons": found,
+        "per_task_r1": per_task_r1(results),
+        "routing": routing_summary(results),
         "missing": results["missing"],
         "markdown": text,
     }

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from lpi.continual.methods import DENSE_LR, LPI_LR
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = shlex.split(
     "--backbone tiny --suite classic --tasks 2 --fashion-groups --train-per-task 16 "
@@ -66,7 +68,8 @@ def test_results_hold_every_run_with_its_time_and_lr(bench):
     assert runs["lpi-R4/seed-0"]["settings"]["init_std"] == 0.4
     run = json.loads((bench / "runs/lpi-R4/seed-0/run.json").read_text())["config"]
     assert run["lr"] == 0.02 and run["prompt"]["init_std"] == 0.4  # what the trainer used
-    assert runs["zero-shot/seed-0"]["settings"]["lr_source"] == "--lr"
+    # zero-shot trains nothing; it records its family's (LPI's) sweep point like the ablations
+    assert runs["zero-shot/seed-0"]["settings"]["lr_source"] == "sweep: lpi"
     assert runs["zero-shot/seed-0"]["swap"] is None  # no prompts to swap
     # seeds change the data: the two seeds' test galleries differ
     lpi = [
@@ -115,7 +118,7 @@ def test_a_rerun_skips_finished_runs_and_finishes_a_killed_one(scripts, bench, m
 def test_a_finished_run_with_other_settings_is_refused(scripts, bench):
     continual, _ = scripts
     with pytest.raises(SystemExit, match="other settings"):
-        continual.main([*args_of(bench), "--lr", "0.5"])  # zero-shot's lr is --lr
+        continual.main([*args_of(bench), "--batch-size", "3"])
 
 
 def test_subsets_select_by_config_and_glob(scripts, bench):
@@ -132,6 +135,12 @@ def test_subsets_select_by_config_and_glob(scripts, bench):
         abs(count - target) >= abs(matched[0].parameters_per_task - target)
         for count in counts.values()
     )
+    # LPI at R_i = 1: the same factors, a rank-1 interaction, so fewer parameters than R_i = 4
+    low = {c.rank: c for c in configs if c.family == "lpi-Ri1"}
+    assert sorted(low) == [1, 2, 4] and all(c.interaction_rank == 1 for c in low.values())
+    full = {c.rank: c.parameters_per_task for c in configs if c.family == "lpi"}
+    assert all(low[k].parameters_per_task < full[k] for k in low)
+    assert low[4].parameters_per_task > counts[4]  # still more than no interaction at all
 
 
 def test_the_report_renders_partial_results(scripts, bench, tmp_path):
@@ -145,6 +154,21 @@ def test_the_report_renders_partial_results(scripts, bench, tmp_path):
     saved = json.loads((tmp_path / report.JSON_OUT).read_text())
     r1 = saved["aggregate"]["lpi-R4"]["metrics"]["r1"]
     assert r1["n"] == 2 and len(r1["values"]) == 2
+    routing = saved["routing"]  # per task, from zero-shot's rows: what routing accuracy hides
+    assert routing["config"] == "zero-shot" and routing["seeds"] == [0, 1]
+    rows = [json.loads((bench / f"runs/zero-shot/seed-{s}/bench.json").read_text()) for s in (0, 1)]
+    for task, entry in routing["tasks"].items():
+        for modality in ("image", "text"):
+            shares = [row["routing_confusion"][modality][task] for row in rows]
+            assert sum(shares[0].values()) == pytest.approx(100.0)
+            right = entry[modality]["right"]
+            assert right == pytest.approx((shares[0].get(task, 0) + shares[1].get(task, 0)) / 2)
+    assert "Routing per task (zero-shot" in text
+    lpi = [json.loads((bench / f"runs/lpi-R4/seed-{s}/bench.json").read_text()) for s in (0, 1)]
+    for task, r1 in saved["per_task_r1"]["lpi-R4"].items():
+        assert r1 == pytest.approx(sum(row["oracle"]["per_task_r1"][task] for row in lpi) / 2)
+    assert "dense-J4N8" not in saved["per_task_r1"]  # not run: no row
+    assert "Final oracle R@1 per task" in text
     assert saved["aggregate"]["dense-J4N8"]["metrics"]["r1"]["mean"] is None
     comparison = next(c for c in payload["comparisons"] if c["b"] == "zero-shot")
     assert comparison["result"]["seeds"] == [0, 1]
@@ -224,18 +248,6 @@ def test_fashion_groups_follow_the_synthetic_tasks(scripts, tmp_path):
     assert "tops" in json.dumps(similarity)  # the combined sequence's true similarity
 
 
-def test_a_method_the_sweep_skips_takes_lpis_choice_or_the_lr_flag(scripts):
-    continual, _ = scripts
-    args = continual.parse_args(["--lr", "0.3"])
-    points = {"lpi": {"lr": 0.02, "init_std": 0.4}, "dense": {"lr": 0.002}}
-    config = {c.name: c for c in continual.make_configs(args, continual.load_backbone("tiny"))}
-    ablation = continual.learning_rate(args, config["lpi-no-task-R4"], points)
-    assert ablation == {"lr": 0.02, "init_std": 0.4, "lr_source": "sweep: lpi"}
-    dense = continual.learning_rate(args, config["dense-J1N2"], points)
-    assert dense == {"lr": 0.002, "init_std": None, "lr_source": "sweep: dense"}
-    assert continual.learning_rate(args, config["dense-J1N2"], {})["lr_source"] == "--lr"
-
-
 def test_swap_matrices_average_over_seeds(scripts):
     _, report = scripts
     rows = [
@@ -247,3 +259,18 @@ def test_swap_matrices_average_over_seeds(scripts):
     assert mean == {"tasks": ["a", "b"], "seeds": 2, "matrix": [[11.0, 3.0], [5.0, 21.0]]}
     lines = report.swap_lines({"lpi-R4": {"swap_matrix_mean": mean}}, ["lpi-R4", "absent"])
     assert "| a | 11.00 | 3.00 |" in lines and "| b | 5.00 | 21.00 |" in lines
+
+
+def test_a_method_the_sweep_skips_takes_its_familys_choice_or_the_trainer_default(scripts):
+    continual, _ = scripts
+    args = continual.parse_args([])
+    points = {"lpi": {"lr": 0.02, "init_std": 0.4}, "dense": {"lr": 0.002}}
+    config = {c.name: c for c in continual.make_configs(args, continual.load_backbone("tiny"))}
+    for name in ("lpi-no-task-R4", "shared", "zero-shot"):  # LPI's factors or nothing
+        recipe = continual.learning_rate(config[name], points)
+        assert recipe == {"lr": 0.02, "init_std": 0.4, "lr_source": "sweep: lpi"}
+    dense = continual.learning_rate(config["dense-J1N2"], points)
+    assert dense == {"lr": 0.002, "init_std": None, "lr_source": "sweep: dense"}
+    for name, method, lr in (("dense-J1N2", "dense", DENSE_LR), ("shared", "shared", LPI_LR)):
+        recipe = continual.learning_rate(config[name], {})
+        assert recipe == {"lr": lr, "init_std": None, "lr_source": f"default for {method}"}

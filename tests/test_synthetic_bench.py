@@ -79,6 +79,7 @@ def test_true_similarity_is_the_jaccard_of_task_families(bench_dir):
     index = {t: i for i, t in enumerate(tasks)}
     assert matrix[index["sizes-backgrounds"], index["backgrounds-positions"]] > 0  # background
     assert matrix[index["textures"], index["backgrounds-positions"]] == 0  # nothing shared
+    assert not matrix[index["counts"]][[i for t, i in index.items() if t != "counts"]].any()
     assert not matrix[index["shapes-colours"]][
         [i for t, i in index.items() if t != "shapes-colours"]
     ].any()
@@ -93,11 +94,18 @@ def test_bench_captions_name_what_is_drawn(bench_dir):
         for scene in scenes:
             for caption in scene.captions:
                 assert scene.attributes["colour"] in caption
-                words = [scene.attributes.get(k) for k in ("background", "count", "size")]
+                words = [scene.attributes.get(k) for k in ("background", "count", "arrangement")]
                 assert all(w in caption for w in words if w)
             if name == "counts":
                 assert len(scene.things) == synthetic_bench.COUNTS[scene.attributes["count"]]
                 assert synthetic_bench.plural(scene.attributes["shape"]) in scene.captions[0]
+                assert scene.style == "grid"  # a felt far from positions' slate grid
+                assert np.linalg.norm(np.subtract(scene.ground, (70, 80, 95))) > 90
+                xs, ys = np.array([thing.centre for thing in scene.things]).T
+                across, along = (ys, xs) if scene.attributes["arrangement"] == "row" else (xs, ys)
+                assert np.ptp(across) <= 0.04  # one line, up to the jitter
+                gaps = np.diff(np.sort(along))  # evenly spaced, up to each centre's jitter
+                assert gaps.min() >= 1 / len(scene.things) - 0.04 - 1e-9
     faded = manifest.select(records, "backgrounds-positions", "train")
     top, bottom = (
         np.mean([np.asarray(Image.open(r.image), float)[row].mean() for r in faded])
@@ -106,14 +114,67 @@ def test_bench_captions_name_what_is_drawn(bench_dir):
     assert bottom < 0.85 * top  # its grounds fade towards the bottom
 
 
+def _tokens(captions) -> set[int]:
+    return set(tokenize(list(captions)).unique().tolist())
+
+
 def test_pretraining_captions_use_every_token_the_tasks_use():
     """No task token keeps its random initial embedding: task tokens are pretraining tokens."""
     pretrain = synthetic.make_scenes("pretrain-bench", "train", 3000, seed=0)
-    seen = set(tokenize([c for s in pretrain for c in s.captions]).unique().tolist())
+    seen = _tokens(c for s in pretrain for c in s.captions)
     for name in synthetic_bench.BENCH_TASK_NAMES:
         scenes = synthetic.make_scenes(name, "test", 300, seed=0)
-        used = set(tokenize([c for s in scenes for c in s.captions]).unique().tolist())
+        used = _tokens(c for s in scenes for c in s.captions)
         assert used <= seen, (name, sorted(used - seen))
+    counted = [s for s in pretrain if "count" in s.attributes]
+    lines = [s for s in counted if "arrangement" in s.attributes]
+    assert 0.3 < len(lines) / len(counted) < 0.7  # rows and columns, and unnamed grids
+
+
+def test_fashion_pretraining_teaches_every_garment_word_from_unused_images(tmp_path, monkeypatch):
+    root = _fake_fashion(tmp_path / "idx")  # random pixels: each source image is unique
+    sources: dict[str, list[bytes]] = {"task": [], "pretrain": []}
+    blend = fashion_mnist.blend
+
+    def task_tint(image, colour, background):
+        sources["task"].append(image.tobytes())
+        return blend(image, fashion_mnist.COLOURS[colour], fashion_mnist.BACKGROUNDS[background])
+
+    def pretrain_blend(image, colour, ground):
+        sources["pretrain"].append(image.tobytes())
+        return blend(image, colour, ground)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fashion_mnist, "tint", task_tint)
+        patch.setattr(fashion_mnist, "blend", pretrain_blend)
+        fashion_mnist.generate(tmp_path / "f", root, 8, 4, seed=3, val_per_task=4, pretrain=40)
+    assert len(sources["pretrain"]) == 40 == len(set(sources["pretrain"]))
+    assert not set(sources["task"]) & set(sources["pretrain"])  # no task image reused
+    tasks = manifest.read_manifest(tmp_path / "f" / "manifest.jsonl")
+    pretrain = manifest.read_manifest(tmp_path / "f" / "pretrain.jsonl")
+    assert len(pretrain) == 40 and {r.task for r in pretrain} == {fashion_mnist.PRETRAIN_TASK}
+    assert {r.split for r in pretrain} == {"train"}
+    garments = [next(c for c in fashion_mnist.CLASSES if c in r.captions[0]) for r in pretrain]
+    assert set(garments) == set(fashion_mnist.CLASSES)  # all ten classes
+    # The backbone pretrains on this and the synthetic set together (combine), which has "with".
+    bench = synthetic.make_scenes("pretrain-bench", "train", 3000, seed=0)
+    words = _tokens(c for r in pretrain for c in r.captions) | _tokens(
+        c for s in bench for c in s.captions
+    )
+    for task in fashion_mnist.TASKS:
+        assert _tokens(c for r in manifest.select(tasks, task) for c in r.captions) <= words
+    named = [r for r in pretrain if any("background" in c for c in r.captions)]
+    assert 0 < len(named) < len(pretrain)  # some grounds named, the rest unnamed
+    plain = tmp_path / "plain"  # asking for pretraining leaves the tasks' data as it was
+    fashion_mnist.generate(plain, root, 8, 4, seed=3, val_per_task=4)
+    assert not (plain / "pretrain.jsonl").exists()
+    again = manifest.read_manifest(plain / "manifest.jsonl")
+    assert [r.captions for r in again] == [r.captions for r in tasks]
+    assert [r.image.read_bytes() for r in again] == [r.image.read_bytes() for r in tasks]
+    with pytest.raises(ValueError, match="not enough unused"):
+        fashion_mnist.generate(tmp_path / "big", root, 8, 4, seed=3, pretrain=400)
+    with pytest.raises(ValueError, match="pretrain must be >= 0"):
+        fashion_mnist.generate(tmp_path / "negative", root, 8, 4, pretrain=-1)
 
 
 def test_pretraining_grounds_vary_and_name_backgrounds():

@@ -9,6 +9,7 @@ Dimensions: I images, C captions, E embedding, B encoding batch.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -97,9 +98,14 @@ def evaluate_seen(
         "oracle": oracle,
         "routed": oracle,
         "routing_accuracy": None,
+        "routing_confusion": None,
     }
     if keys is not None:  # routing is measured even where no prompt makes it matter
         routed_image, routed_text, result["routing_accuracy"] = _routes(backbone, keys, sets)
+        result["routing_confusion"] = {
+            "image": routing_confusion(routed_image),
+            "text": routing_confusion(routed_text),
+        }
         if bank is not None:
             routed = _galleries(backbone, bank, sets, routed_image, routed_text)
             result["routed"] = recall_metrics.task_and_union_recall(routed)
@@ -128,6 +134,16 @@ def _routes(
             truth[modality] += [task] * len(rows)
     accuracy = {m: routing_accuracy(guess[m], truth[m]) for m in ("image", "text")}
     return image_rows, text_rows, accuracy
+
+
+def routing_confusion(routes: Mapping[str, Sequence[str]]) -> dict[str, dict[str, float]]:
+    """Per true task, the percent of its queries routed to each task, most first: where routing
+    goes wrong, which one accuracy figure hides."""
+    confusion = {}
+    for task, rows in routes.items():
+        counts = Counter(rows)
+        confusion[task] = {t: 100.0 * n / len(rows) for t, n in counts.most_common()}
+    return confusion
 
 
 def summarise(results: list[dict], mode: str = "oracle") -> dict:

@@ -40,14 +40,19 @@ METHODS = {
 # The peak learning rates the bench sweep chose (docs/continual_results.md). Prompts enter
 # through LN1, so only Adam's step against a parameter's size matters, and LPI's factors sit
 # near 0.5 where dense entries sit near 0.06: one rate for both would favour dense prompts.
-LPI_LR = 0.1
-DENSE_LR = 0.03
+LPI_LR = 0.3
+DENSE_LR = 0.1
+
+
+def lr_family(method: str) -> str:
+    """Whose learning rate `method` takes: "dense", or "lpi" for LPI, its ablations, the shared
+    prompt and zero-shot (they train LPI's factors, at the same scale, or nothing)."""
+    return "dense" if method == "dense" else "lpi"
 
 
 def default_lr(method: str) -> float:
-    """The best peak lr found for `method` (LPI's for its ablations, the shared prompt and
-    zero-shot, which train LPI's factors or nothing)."""
-    return DENSE_LR if method == "dense" else LPI_LR
+    """The best peak lr found for `method`'s family (`lr_family`)."""
+    return DENSE_LR if lr_family(method) == "dense" else LPI_LR
 
 
 @dataclass(frozen=True)

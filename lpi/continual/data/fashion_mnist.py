@@ -13,6 +13,12 @@ synthetic tasks, so a group's families are its own garments and "background"
 about backgrounds. The generator writes task_families.json and task_similarity.json beside
 the manifest; `lpi.continual.data.combine` appends these tasks to a synthetic set.
 
+A pretraining split (pretrain.jsonl, asked for with `pretrain`) teaches a backbone every garment
+word: training-file images that no task's train or val split uses, of all ten classes, each
+tinted with a random colour over a named background (4 in 10) or an unnamed random one, with
+three captions in varied phrasings. `lpi.continual.data.combine` adds it to the synthetic
+pretraining set, so no word a task uses keeps its random initial embedding.
+
 The IDX files are read from the package's install path (or --root); nothing is downloaded.
 Where they are absent the CLI says so, naming the package, and exits with status 2.
 
@@ -132,8 +138,13 @@ def combinations(task: str) -> list[dict]:
 
 def tint(image: np.ndarray, colour: str, background: str) -> Image.Image:
     """A [28, 28] grey garment (white on black) -> RGB: the garment in colour over background."""
+    return blend(image, COLOURS[colour], BACKGROUNDS[background])
+
+
+def blend(image: np.ndarray, colour: tuple[int, ...], ground: tuple[int, ...]) -> Image.Image:
+    """A [28, 28] grey garment -> RGB: the garment in one colour over a ground colour."""
     alpha = image.astype(np.float32)[..., None] / 255.0  # [28, 28, 1]
-    rgb = alpha * np.array(COLOURS[colour]) + (1 - alpha) * np.array(BACKGROUNDS[background])
+    rgb = alpha * np.array(colour) + (1 - alpha) * np.array(ground)
     return Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
@@ -178,13 +189,19 @@ def generate(
     test_per_task: int = 100,
     seed: int = 0,
     val_per_task: int = 0,
+    pretrain: int = 0,
 ) -> dict[str, float]:
-    """Write PNGs, manifest.jsonl, task_families.json and task_similarity.json; return each
-    task's fraction of unique test captions. Val images come from the training file, never
-    one that train uses; train and test draw exactly as they did before val existed."""
+    """Write PNGs, manifest.jsonl, task_families.json and task_similarity.json (and, with
+    `pretrain` > 0, pretrain.jsonl); return each task's fraction of unique test captions. Val
+    and pretraining images come from the training file, never one that train (or val) uses;
+    train and test draw exactly as they did before val and pretraining existed."""
+    if pretrain < 0:
+        raise ValueError(f"pretrain must be >= 0, got {pretrain}")
     out = Path(out)
     (out / "manifest.jsonl").unlink(missing_ok=True)
+    (out / "pretrain.jsonl").unlink(missing_ok=True)
     records, unique = [], {}
+    taken: set[int] = set()  # training-file images that train and val use
     splits = (("train", train_per_task), ("val", val_per_task), ("test", test_per_task))
     for split, count in splits:
         if split == "val" and not count:
@@ -200,6 +217,8 @@ def generate(
             folder.mkdir(parents=True, exist_ok=True)
             split_records = []
             plan = _plan(task, split, count, labels, rng, walks)
+            if split != "test":
+                taken.update(index for index, _ in plan)
             for position, (index, attrs) in enumerate(plan):
                 path = folder / f"{position:05d}.png"
                 tint(images[index], attrs["colour"], attrs["background"]).save(path)
@@ -207,10 +226,77 @@ def generate(
             records += split_records
             if split == "test":
                 unique[task] = unique_fraction(split_records)
+    if pretrain:
+        write_manifest(out / "pretrain.jsonl", _pretraining(out, root, pretrain, seed, taken))
     order = {task: rank for rank, task in enumerate(TASKS)}
     write_manifest(out / "manifest.jsonl", sorted(records, key=lambda r: order[r.task]))
     write_task_similarity(out, {task: task_families(task) for task in TASKS}, SOURCE)
     return unique
+
+
+PRETRAIN_TASK = "pretrain-fashion"
+NAMED_GROUND = 0.4  # chance that a pretraining image's background is named (and drawn)
+_OPENINGS = ("a ", "a photo of a ", "a picture of a ", "there is a ")
+_GROUNDS = (
+    " on a {background} background",
+    " against {background}",
+    " against a {background} background",
+)
+
+
+def _pretraining(
+    out: Path, root: str | Path, count: int, seed: int, taken: set[int]
+) -> list[Record]:
+    """`count` pretraining records, the ten classes in turn, from training-file images outside
+    `taken`; ValueError where a class runs out."""
+    images, labels = load_split(root, "train")
+    rng = np.random.default_rng([seed, 7, 7])
+    free = {
+        label: [i for i in rng.permutation(np.flatnonzero(labels == label)) if i not in taken]
+        for label in range(len(CLASSES))
+    }
+    folder = out / "images" / PRETRAIN_TASK / "train"
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for position in range(count):
+        label = position % len(CLASSES)
+        if position // len(CLASSES) >= len(free[label]):
+            raise ValueError(f"pretraining: not enough unused {CLASSES[label]} images")
+        index = free[label][position // len(CLASSES)]
+        colour = str(rng.choice(list(COLOURS)))
+        named = rng.random() < NAMED_GROUND
+        palette = [
+            g for g in BACKGROUNDS if math.dist(COLOURS[colour], BACKGROUNDS[g]) >= MIN_CONTRAST
+        ]
+        background = str(rng.choice(palette)) if named else None
+        ground = BACKGROUNDS[background] if background else _unnamed_ground(COLOURS[colour], rng)
+        path = folder / f"{position:05d}.png"
+        blend(images[index], COLOURS[colour], ground).save(path)
+        texts = tuple(
+            _pretraining_caption(CLASSES[label], colour, background, rng) for _ in range(3)
+        )
+        records.append(Record(path, texts, PRETRAIN_TASK, "train"))
+    return records
+
+
+def _unnamed_ground(colour: tuple[int, ...], rng: np.random.Generator) -> tuple[int, ...]:
+    """A random ground the garment's colour stands out from (mid grey after 100 misses)."""
+    for _ in range(100):
+        ground = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        if math.dist(colour, ground) >= MIN_CONTRAST:
+            return ground
+    return (125, 125, 125)
+
+
+def _pretraining_caption(
+    garment: str, colour: str, background: str | None, rng: np.random.Generator
+) -> str:
+    """The garment, usually its colour, and the background when it is named."""
+    noun = garment if rng.random() < 0.2 else f"{colour} {garment}"
+    text = str(rng.choice(_OPENINGS)) + noun
+    if background:
+        text += str(rng.choice(_GROUNDS)).format(background=background)
+    return with_articles(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-per-task", type=int, default=1000)
     parser.add_argument("--val-per-task", type=int, default=100)
     parser.add_argument("--test-per-task", type=int, default=100)
+    parser.add_argument("--pretrain", type=int, default=0, help="pretraining images (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -231,7 +318,13 @@ def main(argv: list[str] | None = None) -> int:
         log.error("no Fashion-MNIST IDX files in %s: install Debian's %s", args.root, PACKAGE)
         return 2
     unique = generate(
-        args.out, args.root, args.train_per_task, args.test_per_task, args.seed, args.val_per_task
+        args.out,
+        args.root,
+        args.train_per_task,
+        args.test_per_task,
+        args.seed,
+        args.val_per_task,
+        args.pretrain,
     )
     for task, fraction in unique.items():
         print(

@@ -3,17 +3,21 @@ purpose, a pretraining set whose captions use every word the tasks use, and the 
 similarity.
 
 Every task names its objects' shape and colour; what sets a task apart is the other attribute
-families its captions vary (`FAMILIES`). Two of them share "background" (sizes-backgrounds and
-backgrounds-positions), three share "size", shapes-colours shares nothing with any other. The
+families its captions vary (`families`). Two of them share "background" (sizes-backgrounds and
+backgrounds-positions), two share "position" (positions and backgrounds-positions), three share
+"size" (textures, positions, sizes-backgrounds), and shapes-colours and counts share nothing
+with any other. Counts draws its groups in a row or a column on a sea-green felt with grid
+lines, far from positions' slate grid, so task keys on frozen features tell the two apart. The
 true task similarity is the Jaccard index of those family sets (`similarity_matrix`).
 
 The pretraining set ("pretrain-bench") draws single objects (sometimes two, or a few of one
-kind) on varied grounds: a named background (either palette) with probability 0.4, otherwise an
-unnamed grey, dark, light or random colour, so features learnt on it keep the ground. Its
-captions name shape and colour and, each with some probability, size, texture, position,
-background and count, in phrasings that together use every word of every task's templates
-(tests check it), so no token the tasks use keeps its random initial embedding. The tasks'
-exact templates and combinations stay unseen, so prompts still have something to learn.
+kind, in a row, a column or a grid) on varied grounds: a named background (either palette)
+with probability 0.4, otherwise an unnamed grey, dark, light or random colour, so features
+learnt on it keep the ground. Its captions name shape and colour and, each with some
+probability, size, texture, position, background, count and arrangement, in phrasings that
+together use every word of every task's templates (tests check it), so no token the tasks use
+keeps its random initial embedding. The tasks' exact templates and combinations stay unseen, so
+prompts still have something to learn.
 """
 
 from __future__ import annotations
@@ -55,7 +59,9 @@ BACKGROUNDS_2: dict[str, RGB] = {  # the named grounds of "backgrounds-positions
 }
 COUNTS = {"two": 2, "three": 3, "four": 4, "five": 5}
 _CELLS = [((c + 0.5) / 3, (r + 0.5) / 2) for r in range(2) for c in range(3)]  # 3x2 grid
-FELT: RGB = (55, 95, 70)  # the ground of "counts"
+FELT: RGB = (80, 200, 160)  # the ground of "counts" (a sea-green felt), drawn with grid lines
+ARRANGEMENTS = ("row", "column")
+LINE_RADIUS = 0.09  # five objects of this radius fit along one side
 
 
 def plural(shape: str) -> str:
@@ -70,7 +76,7 @@ def _fade(attrs: dict, rng: np.random.Generator) -> tuple[RGB, str]:
 
 
 def _felt(attrs: dict, rng: np.random.Generator) -> tuple[RGB, str]:
-    return _jitter(FELT, rng, 8), "plain"
+    return _jitter(FELT, rng, 8), "grid"
 
 
 def _placed_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]:
@@ -78,13 +84,23 @@ def _placed_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]:
 
 
 def _counted_things(attrs: dict, rng: np.random.Generator) -> tuple[Thing, ...]:
-    """`count` equal objects, each in its own cell of a 3x2 grid (never overlapping)."""
-    cells = rng.permutation(len(_CELLS))[: COUNTS[attrs["count"]]]
-    size = attrs.get("size", "small")
-    radius = min(SIZES[size], 0.14)  # a medium object still fits a third of the side
+    """`count` equal objects: evenly spaced along a row or a column when the scene names an
+    arrangement (the counts task always does; each centre jitters by up to 0.02, so five small
+    neighbours may touch), else each in its own cell of a 3x2 grid (pretraining's unnamed
+    groups, never overlapping)."""
+    count = COUNTS[attrs["count"]]
+    arrangement = attrs.get("arrangement")
+    if arrangement is not None:
+        across = rng.uniform(0.3, 0.7)  # where the line sits across its direction
+        along = [(i + 0.5) / count for i in range(count)]
+        spots = [(a, across) if arrangement == "row" else (across, a) for a in along]
+        size, radius = "small", LINE_RADIUS
+    else:
+        spots = [_CELLS[cell] for cell in rng.permutation(len(_CELLS))[:count]]
+        size = attrs.get("size", "small")
+        radius = min(SIZES[size], 0.14)  # a medium object still fits a third of the side
     things = []
-    for cell in cells:
-        x, y = _CELLS[cell]
+    for x, y in spots:
         centre = (x + rng.uniform(-0.02, 0.02), y + rng.uniform(-0.02, 0.02))
         thing = _thing(attrs, rng, centre, size, attrs.get("texture", "plain"))
         things.append(
@@ -108,12 +124,12 @@ BACKGROUNDS_POSITIONS = TaskSpec(
 )
 COUNTS_TASK = TaskSpec(
     name="counts",
-    families=(*SHAPE_COLOUR, ("count", tuple(COUNTS)), ("size", ("small", "medium"))),
+    families=(*SHAPE_COLOUR, ("count", tuple(COUNTS)), ("arrangement", ARRANGEMENTS)),
     templates=(
-        "{count} {size} {colour} {plural}",
-        "a group of {count} {size} {colour} {plural}",
-        "a picture of {count} {colour} {plural}, {size} in size",
-        "there are {count} {size} {plural} coloured {colour}",
+        "{count} {colour} {plural} in a {arrangement}",
+        "a {arrangement} of {count} {colour} {plural}",
+        "a picture of {count} {colour} {plural} in a {arrangement}",
+        "there are {count} {plural} coloured {colour} in a {arrangement}",
     ),
     ground=_felt,
     compose=_counted_things,
@@ -151,6 +167,7 @@ def related_pairs(task_families: dict[str, frozenset[str]]) -> list[tuple[str, s
 
 BENCH_NAMING = {"size": 0.35, "texture": 0.35, "position": 0.35, "background": 0.4}
 TWO_OBJECTS, MANY_OBJECTS = 0.1, 0.12  # chance of a pair, of a counted group
+NAMED_ARRANGEMENT = 0.5  # chance that a counted group stands in a named row or column
 _SIZE_AFTER = ", {size} in size"
 _TEXTURE_AFTER = (" with a {texture} pattern", " that is {texture}")
 _GROUND_PHRASES = (
@@ -171,10 +188,12 @@ def bench_pretrain_extras(attrs: dict, rng: np.random.Generator) -> dict:
         extras["colour2"] = str(rng.choice([c for c in COLOURS if c != attrs["colour"]]))
     elif kind < TWO_OBJECTS + MANY_OBJECTS:
         extras["count"] = str(rng.choice(list(COUNTS)))
+        if rng.random() < NAMED_ARRANGEMENT:
+            extras["arrangement"] = str(rng.choice(ARRANGEMENTS))
     named = {key: bool(rng.random() < p) for key, p in BENCH_NAMING.items()}
     if named["position"] and not set(extras) & {"count", "shape2"}:
         extras["position"] = str(rng.choice(list(POSITIONS)))
-    if named["size"] and "shape2" not in extras:
+    if named["size"] and not set(extras) & {"shape2", "arrangement"}:
         big = "position" in extras or "count" in extras
         extras["size"] = str(rng.choice(("small", "medium") if big else list(SIZES)))
     if named["texture"] and "shape2" not in extras:
@@ -243,6 +262,11 @@ def bench_caption(attrs: dict, rng: np.random.Generator) -> str:
     if "count" in attrs:
         opening = str(rng.choice(("", "a group of ", "a picture of ", "there are ")))
         noun = f"{attrs['count']} {adjectives}{attrs['colour']} {plural(attrs['shape'])}"
+        if "arrangement" in attrs:  # "a row of three ..." or "three ... in a row"
+            if rng.random() < 0.5:
+                opening = f"a {attrs['arrangement']} of "
+            else:
+                noun += f" in a {attrs['arrangement']}"
     else:
         opening = str(rng.choice(_OPENINGS[:4] if "position" not in attrs else _OPENINGS))
         if rng.random() < 0.25:
