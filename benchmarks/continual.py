@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from benchkit import write_json
-from continual_data import add_data_flags, prepare_backbone, prepare_data
+from continual_data import GENERATOR, add_data_flags, prepare_backbone, prepare_data
 
 from lpi.checkpoint import fingerprint, load_backbone
 from lpi.config import PromptConfig
@@ -116,8 +116,9 @@ def make_configs(args: argparse.Namespace, backbone) -> list[Config]:
     for method in ("lpi", "lpi-no-interaction"):
         plan += [(f"{method}-R{rank}", method, j, n, rank, method, ri) for rank in args.ranks]
     plan += [(f"{m}-R{r}", m, j, n, r, m, ri) for m in ("lpi-no-layer", "lpi-no-task")]
-    # LPI with the interaction at its fewest parameters: R_i = 1.
-    plan += [(f"lpi-R{k}-Ri1", "lpi", j, n, k, "lpi-Ri1", 1) for k in args.low_interaction_ranks]
+    # LPI with the interaction at its fewest parameters: R_i = 1 (already the rows above at 1).
+    low = args.low_interaction_ranks if ri != 1 else []
+    plan += [(f"lpi-R{k}-Ri1", "lpi", j, n, k, "lpi-Ri1", 1) for k in low]
     configs = [
         Config(*p[:6], prompt_count(*p[1:5], backbone, p[6]), None, p[6])  # type: ignore[arg-type]
         for p in plan
@@ -332,6 +333,8 @@ def write_results(args, configs, rows, points, backbone, started: float) -> None
             "preset": None if args.backbone else args.preset,
             "pretrain_images": None if args.backbone else args.pretrain_images,
             "pretrain_epochs": None if args.backbone else args.pretrain_epochs,
+            "fashion_pretrain": args.fashion_pretrain if args.fashion_groups else 0,
+            "data_generator": GENERATOR,
             "backbone_seed": None if args.backbone else args.backbone_seed,
             "default_lr": {family: default_lr(family) for family in ("lpi", "dense")},
             "sweep": None if args.sweep is None else str(args.sweep),

@@ -53,7 +53,7 @@ PRESET = "tiny"  # 4 layers of width 64 per tower, 32 px images: trains in secon
 PRETRAIN_LR = 2e-3  # lpi.pretrain's default; 5e-3 reached a worse loss in the same steps
 PRETRAIN_WEIGHT_DECAY = 0.1
 PRETRAIN_BATCH = 128  # CLIP's loss wants many negatives per batch
-TASK_LR = 3e-2  # the synthetic benchmark's rate for LPI prompts (README)
+TASK_LR = 3e-2  # the demo's own rate for its tiny tasks (lpi.train picks one per method)
 
 
 @dataclass(frozen=True)

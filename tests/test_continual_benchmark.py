@@ -141,6 +141,9 @@ def test_subsets_select_by_config_and_glob(scripts, bench):
     full = {c.rank: c.parameters_per_task for c in configs if c.family == "lpi"}
     assert all(low[k].parameters_per_task < full[k] for k in low)
     assert low[4].parameters_per_task > counts[4]  # still more than no interaction at all
+    at_one = continual.parse_args([*TINY, "--interaction-rank", "1"])
+    names = [c.name for c in continual.make_configs(at_one, continual.load_backbone("tiny"))]
+    assert not [n for n in names if n.endswith("-Ri1")]  # lpi-R{k} already has R_i = 1
 
 
 def test_the_report_renders_partial_results(scripts, bench, tmp_path):
