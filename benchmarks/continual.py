@@ -28,7 +28,13 @@ from pathlib import Path
 
 import torch
 from benchkit import write_json
-from continual_data import GENERATOR, add_data_flags, prepare_backbone, prepare_data
+from continual_data import (
+    GENERATOR,
+    add_data_flags,
+    fashion_parameters,
+    prepare_backbone,
+    prepare_data,
+)
 
 from lpi.checkpoint import fingerprint, load_backbone
 from lpi.config import PromptConfig
@@ -325,7 +331,7 @@ def write_results(args, configs, rows, points, backbone, started: float) -> None
             "batch_size": args.batch_size,
             "tasks": args.tasks,
             "suite": args.suite,
-            "fashion_groups": args.fashion_groups,
+            **fashion_parameters(args),  # what the data got: none where not installed
             "train_per_task": args.train_per_task,
             "val_per_task": args.val_per_task,
             "test_per_task": args.test_per_task,
@@ -333,7 +339,6 @@ def write_results(args, configs, rows, points, backbone, started: float) -> None
             "preset": None if args.backbone else args.preset,
             "pretrain_images": None if args.backbone else args.pretrain_images,
             "pretrain_epochs": None if args.backbone else args.pretrain_epochs,
-            "fashion_pretrain": args.fashion_pretrain if args.fashion_groups else 0,
             "data_generator": GENERATOR,
             "backbone_seed": None if args.backbone else args.backbone_seed,
             "default_lr": {family: default_lr(family) for family in ("lpi", "dense")},

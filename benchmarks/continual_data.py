@@ -81,9 +81,18 @@ def sizes(args: argparse.Namespace) -> dict[str, int]:
     return {k: v for k, v in given.items() if v is not None}
 
 
+def fashion_parameters(args: argparse.Namespace) -> dict:
+    """The Fashion-MNIST groups and pretraining images the data gets: none where no group is
+    asked for or the package is not installed."""
+    fashion = bool(args.fashion_groups) and fashion_mnist.available()
+    return {
+        "fashion_groups": list(args.fashion_groups) if fashion else [],
+        "fashion_pretrain": args.fashion_pretrain if fashion else 0,
+    }
+
+
 def data_parameters(args: argparse.Namespace, seed: int, pretrain_images: int) -> dict:
     """What the data of one seed is generated from (data.json's content)."""
-    fashion = bool(args.fashion_groups) and fashion_mnist.available()
     return {
         "generator": GENERATOR,
         "seed": seed,
@@ -92,8 +101,7 @@ def data_parameters(args: argparse.Namespace, seed: int, pretrain_images: int) -
         "sizes": sizes(args),
         "image_size": args.image_size,
         "pretrain_images": pretrain_images,
-        "fashion_groups": list(args.fashion_groups) if fashion else [],
-        "fashion_pretrain": args.fashion_pretrain if fashion else 0,
+        **fashion_parameters(args),
     }
 
 

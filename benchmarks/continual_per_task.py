@@ -63,21 +63,10 @@ def routing_lines(summary: dict | None) -> list[str]:
     return lines
 
 
-def per_task_r1(results: dict) -> dict[str, dict[str, float]]:
-    """{config: {task: final oracle R@1, mean over its finished seeds}}."""
-    out: dict[str, dict[str, float]] = {}
-    for config in results["configs"]:
-        rows = [r for r in results["runs"] if r["config"] == config["name"]]
-        if rows:
-            tasks = rows[0]["oracle"]["per_task_r1"]
-            out[config["name"]] = {
-                t: statistics.fmean(r["oracle"]["per_task_r1"][t] for r in rows) for t in tasks
-            }
-    return out
-
-
-def per_task_lines(table: dict[str, dict[str, float]]) -> list[str]:
-    """A markdown table of `per_task_r1`: configs as rows, tasks as columns."""
+def per_task_lines(agg: dict[str, dict]) -> list[str]:
+    """A markdown table of each config's final oracle R@1 per task (the aggregate's
+    `per_task_r1`, mean over seeds): configs as rows, tasks as columns."""
+    table = {name: entry["per_task_r1"] for name, entry in agg.items() if entry["per_task_r1"]}
     if not table:
         return []
     tasks = list(next(iter(table.values())))
@@ -89,5 +78,6 @@ def per_task_lines(table: dict[str, dict[str, float]]) -> list[str]:
         "|---" * (len(tasks) + 1) + "|",
     ]
     for name, row in table.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row.get(t, 0.0):.2f}" for t in tasks) + " |")
+        cells = (f"{row[t]['mean']:.2f}" if t in row else "-" for t in tasks)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines

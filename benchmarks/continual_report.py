@@ -21,7 +21,7 @@ import math
 import statistics
 from pathlib import Path
 
-from continual_per_task import per_task_lines, per_task_r1, routing_lines, routing_summary
+from continual_per_task import per_task_lines, routing_lines, routing_summary
 
 from lpi import atomic
 
@@ -105,12 +105,14 @@ def aggregate(results: dict) -> dict[str, dict]:
             },
             key=str,
         )
+        tasks = rows[0]["oracle"]["per_task_r1"] if rows else {}
         out[config["name"]] = {
             "config": config,
             "seeds": sorted(r["seed"] for r in rows),
             "planned": planned,
             "lr": [{"lr": lr, "init_std": std, "source": source} for lr, std, source in lrs],
             "metrics": metrics,
+            "per_task_r1": {t: stats([r["oracle"]["per_task_r1"][t] for r in rows]) for t in tasks},
             "swap_matrix_mean": mean_matrix(rows),
         }
     return out
@@ -337,7 +339,7 @@ def markdown(results: dict, agg: dict[str, dict], found: list[dict]) -> str:
     parts += comparison_lines(found)
     task_pair = [c for c in found if c["metric"] == "swap.gap"]
     parts += swap_lines(agg, [task_pair[0]["a"], task_pair[0]["b"]] if task_pair else [])
-    parts += per_task_lines(per_task_r1(results))
+    parts += per_task_lines(agg)
     parts += routing_lines(routing_summary(results))
     parts += ["", *lr_lines(results, agg)]
     if results["missing"]:
@@ -410,7 +412,6 @@ def report(results_path: Path, out_dir: Path) -> dict:
         "machine": results["machine"],
         "aggregate": agg,
         "comparisons": found,
-        "per_task_r1": per_task_r1(results),
         "routing": routing_summary(results),
         "missing": results["missing"],
         "markdown": text,

@@ -45,7 +45,7 @@ from lpi.continual.data.synthetic import (
     with_articles,
     write_task_similarity,
 )
-from lpi.continual.data.synthetic_tasks import BACKGROUNDS, COLOURS, MIN_CONTRAST
+from lpi.continual.data.synthetic_tasks import BACKGROUNDS, COLOURS, contrasts
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def combinations(task: str) -> list[dict]:
     """(class, colour, background) triples of a task with enough contrast to see the garment."""
     result = []
     for label, colour, ground in itertools.product(TASKS[task], COLOURS, BACKGROUNDS):
-        if math.dist(COLOURS[colour], BACKGROUNDS[ground]) >= MIN_CONTRAST:
+        if contrasts({"colour": colour}, BACKGROUNDS[ground]):
             result.append({"label": label, "colour": colour, "background": ground})
     return result
 
@@ -265,11 +265,9 @@ def _pretraining(
         index = free[label][position // len(CLASSES)]
         colour = str(rng.choice(list(COLOURS)))
         named = rng.random() < NAMED_GROUND
-        palette = [
-            g for g in BACKGROUNDS if math.dist(COLOURS[colour], BACKGROUNDS[g]) >= MIN_CONTRAST
-        ]
+        palette = [g for g in BACKGROUNDS if contrasts({"colour": colour}, BACKGROUNDS[g])]
         background = str(rng.choice(palette)) if named else None
-        ground = BACKGROUNDS[background] if background else _unnamed_ground(COLOURS[colour], rng)
+        ground = BACKGROUNDS[background] if background else _unnamed_ground(colour, rng)
         path = folder / f"{position:05d}.png"
         blend(images[index], COLOURS[colour], ground).save(path)
         texts = tuple(
@@ -279,12 +277,12 @@ def _pretraining(
     return records
 
 
-def _unnamed_ground(colour: tuple[int, ...], rng: np.random.Generator) -> tuple[int, ...]:
+def _unnamed_ground(colour: str, rng: np.random.Generator) -> tuple[int, int, int]:
     """A random ground the garment's colour stands out from (mid grey after 100 misses)."""
     for _ in range(100):
-        ground = tuple(int(c) for c in rng.integers(0, 256, size=3))
-        if math.dist(colour, ground) >= MIN_CONTRAST:
-            return ground
+        r, g, b = (int(c) for c in rng.integers(0, 256, size=3))
+        if contrasts({"colour": colour}, (r, g, b)):
+            return r, g, b
     return (125, 125, 125)
 
 
