@@ -1,19 +1,26 @@
 """What a frozen backbone gives a continual benchmark before any prompt: zero-shot recall@1 of
-every task's own gallery and routing accuracy by task keys.
+every task's own gallery, and routing accuracy by task keys at several centre counts.
 
 Zero-shot R@1 is the mean of image->text and text->image R@1 on each task's test (or val)
-gallery, unprompted. Routing fits each task's keys as the trainer does (K-Means centres of the
-frozen features of its training data, `lpi.routing.TaskKeys`) and routes every test image and
-caption to the nearest centre; accuracy is the percent routed to their own task.
+gallery, unprompted. Routing fits each task's keys as the trainer does (`lpi.routing.TaskKeys`:
+K-Means centres of the frozen features of its training data, `--key-centres` of
+`python -m lpi.train`) and routes every test image and caption of every task to the nearest
+centre of all tasks, as the final evaluation of a continual run does. Accuracy is the percent
+routed to their own task. The paper fixes 5 centres; a task whose frozen images form more
+clusters than that (several backgrounds times several sizes) loses its queries to the tasks
+whose centres sit closer, which the per-task table shows. Several manifests (one per seed) give
+mean and std.
 
     python benchmarks/backbone_quality.py --backbone cache/bench-.../backbone.safetensors \
-        --manifest data/bench/manifest.jsonl --out benchmarks/results/backbone_quality.json
+        --manifest data/seed-0/manifest.jsonl data/seed-1/manifest.jsonl \
+        --centres 5 10 20 --out benchmarks/results/backbone_quality.json
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -23,9 +30,17 @@ from benchkit import table, write_json
 from lpi.checkpoint import load_backbone
 from lpi.continual.data.loader import eval_set
 from lpi.continual.data.manifest import read_manifest, select, tasks
-from lpi.continual.evaluation import evaluate_seen, make_test_set
+from lpi.continual.evaluation import (
+    evaluate_seen,
+    frozen_queries,
+    make_test_set,
+    route_queries,
+    routing_confusion,
+)
 from lpi.continual.trainer import frozen_features
-from lpi.routing import TaskKeys
+from lpi.routing import CLUSTERS, TaskKeys
+
+MODALITIES = ("image", "text")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,34 +48,102 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--backbone", type=Path, required=True, help=".safetensors backbone")
-    parser.add_argument("--manifest", type=Path, required=True, help="the tasks' manifest")
+    parser.add_argument(
+        "--manifest",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="the tasks' manifest(s), one per seed",
+    )
     parser.add_argument("--split", default="test", help="gallery split (test or val)")
+    parser.add_argument(
+        "--centres",
+        type=int,
+        nargs="+",
+        default=[CLUSTERS],
+        help="K-Means centres per task and modality to measure routing at",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, help="JSON result (default: print only)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if min(args.centres) < 1:
+        parser.error("--centres: each count must be at least 1")
+    return args
 
 
-def measure(backbone_path: Path, manifest: Path, split: str) -> dict:
-    """Per task: gallery size and zero-shot R@1; routing accuracy per modality, all tasks."""
-    backbone = load_backbone(backbone_path, device="cpu")
+def measure_manifest(backbone, manifest: Path, split: str, centres: list[int]) -> dict:
+    """One data set: per task gallery size and zero-shot R@1; per centre count, routing accuracy
+    per modality and the percent of each task's queries routed to itself."""
     size = backbone.config.vision.image_size
     records = read_manifest(manifest)
     names = tasks(records)
-    keys = TaskKeys()
-    sets = {}
-    for task in names:
-        keys.add(task, *frozen_features(backbone, select(records, task, "train"), "cpu"))
-        sets[task] = make_test_set(*eval_set(select(records, task, split), size))
-    result = evaluate_seen(backbone, None, keys, sets)
-    rows = [
-        {"task": t, "gallery": len(sets[t].pixels), "r1": result["r1"]["oracle"][t]} for t in names
-    ]
+    train = {t: frozen_features(backbone, select(records, t, "train"), "cpu") for t in names}
+    sets = {t: make_test_set(*eval_set(select(records, t, split), size)) for t in names}
+    zero_shot = evaluate_seen(backbone, None, None, sets)["r1"]["oracle"]
+    queries = frozen_queries(backbone, sets)
+    routing = {}
+    for count in centres:
+        keys = TaskKeys(count)
+        for task in names:
+            keys.add(task, *train[task])
+        image_rows, text_rows, accuracy = route_queries(keys, queries)
+        right = {}
+        for modality, rows in (("image", image_rows), ("text", text_rows)):
+            confusion = routing_confusion(rows)
+            right[modality] = {t: confusion[t].get(t, 0.0) for t in names}
+        routing[count] = {"accuracy": accuracy, "own_task": right}
+    rows = [{"task": t, "gallery": len(sets[t].pixels), "r1": zero_shot[t]} for t in names]
     return {
+        "manifest": f"{manifest.parent.name}/{manifest.name}",  # no machine paths
         "tasks": rows,
-        "mean_r1": sum(row["r1"] for row in rows) / len(rows),
-        "routing_accuracy": result["routing_accuracy"],
-        "clusters": keys.clusters,
+        "mean_r1": statistics.fmean(row["r1"] for row in rows),
+        "routing": routing,
     }
+
+
+def _spread(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
+
+
+def summarise(per_manifest: list[dict], centres: list[int]) -> list[dict]:
+    """Per centre count: accuracy per modality and per task, mean and std over the manifests."""
+    names = [row["task"] for row in per_manifest[0]["tasks"]]
+    summary = []
+    for count in centres:
+        runs = [m["routing"][count] for m in per_manifest]
+        row = {"centres": count}
+        for modality in MODALITIES:
+            row[modality] = _spread([r["accuracy"][modality] for r in runs])
+            row[f"{modality}_own_task"] = {
+                t: statistics.fmean(r["own_task"][modality].get(t, 0.0) for r in runs)
+                for t in names
+            }
+        summary.append(row)
+    return summary
+
+
+def print_tables(per_manifest: list[dict], summary: list[dict]) -> None:
+    for result in per_manifest:
+        print(result["manifest"])
+        print(table([("task", "{}"), ("gallery", "{}"), ("r1", "{:.1f}")], result["tasks"]))
+        print(f"mean zero-shot R@1 {result['mean_r1']:.1f}")
+    names = [row["task"] for row in per_manifest[0]["tasks"]]
+    rows = [
+        {
+            "centres": row["centres"],
+            "image": f"{row['image']['mean']:.1f} ± {row['image']['std']:.1f}",
+            "text": f"{row['text']['mean']:.1f} ± {row['text']['std']:.1f}",
+            **{t: f"{row['image_own_task'][t]:.0f}/{row['text_own_task'][t]:.0f}" for t in names},
+        }
+        for row in summary
+    ]
+    columns = [("centres", "{}"), ("image", "{}"), ("text", "{}"), *((t, "{}") for t in names)]
+    print(f"routing accuracy (%, mean ± std over {len(per_manifest)}); per task image/text")
+    print(table(columns, rows))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,18 +151,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     load = os.getloadavg()
-    result = measure(args.backbone, args.manifest, args.split)
-    routing = result["routing_accuracy"]
-    print(table([("task", "{}"), ("gallery", "{}"), ("r1", "{:.1f}")], result["tasks"]))
-    print(
-        f"mean zero-shot R@1 {result['mean_r1']:.1f}; routing accuracy image "
-        f"{routing['image']:.1f}% text {routing['text']:.1f}% ({result['clusters']} centres)"
-    )
+    backbone = load_backbone(args.backbone, device="cpu")
+    centres = sorted(set(args.centres))
+    per_manifest = [measure_manifest(backbone, m, args.split, centres) for m in args.manifest]
+    summary = summarise(per_manifest, centres)
+    print_tables(per_manifest, summary)
     if args.out:
         payload = {
-            **result,
+            "routing": summary,
+            "per_manifest": per_manifest,
             "backbone": f"{args.backbone.parent.name}/{args.backbone.name}",  # no machine paths
-            "manifest": f"{args.manifest.parent.name}/{args.manifest.name}",
             "split": args.split,
             "threads": args.threads,
             "load_average_at_start": load,

@@ -81,6 +81,13 @@ def add_train_flags(parser: argparse.ArgumentParser, sweep: bool = False) -> Non
         default=default("task_threshold"),
         help="L_task targets Y = S > threshold (diagonal positive)",
     )
+    parser.add_argument(
+        "--key-centres",
+        type=int,
+        default=default("key_centres"),
+        help="routing keys: K-Means centres per task and modality (the paper's 5; a task whose "
+        "images form more clusters than this routes worse, see benchmarks/backbone_quality.py)",
+    )
     parser.add_argument("--cache", action="store_true", help="hold decoded pixels in memory")
     parser.add_argument("--seed", type=int, default=default("seed"), help="of data order and init")
     parser.add_argument("--device", default=default("device"), help="torch device")

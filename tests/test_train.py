@@ -9,7 +9,7 @@ import pytest
 
 import lpi
 from export.bundle import BundleRecipe
-from lpi.continual.run_state import load_state, task_file
+from lpi.continual.run_state import load_keys, load_state, task_file
 from lpi.evaluate import main as evaluate_main
 from lpi.train import main as train_main
 
@@ -99,6 +99,22 @@ def test_resume_with_another_recipe_is_refused(tiny_runs, tmp_path, caplog):
     assert train_main(_args(tiny_runs, run, "--lr", "0.5")) == 2
     assert "lr" in caplog.text and "-> 0.5" in caplog.text
     assert {p.name: p.stat().st_mtime_ns for p in run.glob("task-*")} == stamps
+
+
+def test_key_centres_are_the_runs_own_on_resume_and_recorded(tiny_runs, tmp_path, caplog):
+    """--key-centres 3: every task's keys hold 3 centres per modality, also the task added by a
+    resume (which reloads the saved keys), and a resume with another count is refused."""
+    tasks, run = load_state(tiny_runs / "lpi").done, tmp_path / "run"
+    assert train_main(_args(tiny_runs, run, "--tasks", tasks[0], "--key-centres", "3")) == 0
+    assert train_main(_args(tiny_runs, run, "--tasks", *tasks, "--key-centres", "3")) == 0
+    keys = load_keys(run)
+    assert keys is not None and keys.names == tuple(tasks)
+    for task in tasks:
+        for modality in ("image", "text"):
+            assert keys.centres(task, modality).shape[0] == 3
+    assert load_state(run).config.key_centres == 3
+    assert train_main(_args(tiny_runs, run, "--tasks", *tasks)) == 2
+    assert "key_centres 3 -> 5" in caplog.text
 
 
 def test_bad_manifest_fails_before_training(tiny_runs, tmp_path, caplog):

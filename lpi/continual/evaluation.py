@@ -120,19 +120,34 @@ def _routes(
     backbone: Backbone, keys: TaskKeys, sets: dict[str, TestSet]
 ) -> tuple[dict[str, list[str]], dict[str, list[str]], dict[str, float]]:
     """Each query's routed task, from its frozen features, and routing accuracy per modality."""
-    image_rows: dict[str, list[str]] = {}
-    text_rows: dict[str, list[str]] = {}
-    truth: dict[str, list[str]] = {"image": [], "text": []}
-    guess: dict[str, list[str]] = {"image": [], "text": []}
-    for task, data in sets.items():
-        frozen_image = encode(backbone, None, data.pixels, [None] * len(data.pixels), True)
-        frozen_text = encode(backbone, None, data.tokens, [None] * len(data.tokens), False)
-        image_rows[task] = keys.route_names(frozen_image, "image")
-        text_rows[task] = keys.route_names(frozen_text, "text")
-        for modality, rows in (("image", image_rows[task]), ("text", text_rows[task])):
-            guess[modality] += rows
-            truth[modality] += [task] * len(rows)
-    accuracy = {m: routing_accuracy(guess[m], truth[m]) for m in ("image", "text")}
+    return route_queries(keys, frozen_queries(backbone, sets))
+
+
+def frozen_queries(
+    backbone: Backbone, sets: dict[str, TestSet]
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per task, the frozen, unprompted features (image [I, E], text [C, E]) that routing reads."""
+    return {
+        task: (
+            encode(backbone, None, data.pixels, [None] * len(data.pixels), True),
+            encode(backbone, None, data.tokens, [None] * len(data.tokens), False),
+        )
+        for task, data in sets.items()
+    }
+
+
+def route_queries(
+    keys: TaskKeys, queries: Mapping[str, tuple[Tensor, Tensor]]
+) -> tuple[dict[str, list[str]], dict[str, list[str]], dict[str, float]]:
+    """Route each task's frozen query features by `keys`: routed task names per query (image,
+    text) and the percent routed to their own task per modality."""
+    image_rows = {task: keys.route_names(image, "image") for task, (image, _) in queries.items()}
+    text_rows = {task: keys.route_names(text, "text") for task, (_, text) in queries.items()}
+    accuracy = {}
+    for modality, rows in (("image", image_rows), ("text", text_rows)):
+        guess = [name for task in rows for name in rows[task]]
+        truth = [task for task in rows for _ in rows[task]]
+        accuracy[modality] = routing_accuracy(guess, truth)
     return image_rows, text_rows, accuracy
 
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from lpi import atomic
 from lpi.config import PromptConfig
 from lpi.continual.losses import TASK_THRESHOLD
-from lpi.routing import TaskKeys
+from lpi.routing import CLUSTERS, TaskKeys
 
 # 2: L_task's rule (task_threshold, similarity, similarity_from_descriptions) is recorded. A
 # format-1 run.json has none of it: resuming one would train on under a rule it never named.
@@ -56,6 +56,7 @@ class RunConfig:
     lr_source: str | None = None  # the sweep file lr came from, if any
     similarity: dict | None = None  # L_task's S: source, tasks, matrix used, threshold
     similarity_from_descriptions: bool = False  # S asked of the text tower (no file given)
+    key_centres: int = CLUSTERS  # K-Means centres per task and modality (runs before it: 5)
 
     def prompt_config(self) -> PromptConfig:
         return PromptConfig(**self.prompt)
@@ -142,10 +143,11 @@ def save_keys(folder: Path, keys: TaskKeys) -> None:
         save_file(keys.state_dict(), str(temp), metadata={"tasks": json.dumps(list(keys.names))})
 
 
-def load_keys(folder: Path) -> TaskKeys | None:
+def load_keys(folder: Path, clusters: int = CLUSTERS) -> TaskKeys | None:
+    """The saved keys, fitting later tasks' with `clusters` centres (the run's own count)."""
     path = folder / "keys.safetensors"
     if not path.exists():
         return None
     with safe_open(str(path), framework="pt") as handle:
         names = json.loads((handle.metadata() or {}).get("tasks", "[]"))
-    return TaskKeys.from_state_dict(load_file(str(path)), names)
+    return TaskKeys.from_state_dict(load_file(str(path)), names, clusters)

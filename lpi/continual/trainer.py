@@ -54,7 +54,7 @@ from lpi.continual.run_state import (
     save_task,
 )
 from lpi.prompts import PromptBank
-from lpi.routing import TaskKeys
+from lpi.routing import CLUSTERS, TaskKeys
 
 log = logging.getLogger("lpi.train")
 
@@ -91,12 +91,15 @@ class TrainConfig:
     task_threshold: float = losses.TASK_THRESHOLD  # Y = S > threshold
     eval_split: str = "test"  # what each task's evaluation reads ("val" in a sweep)
     lr_source: str | None = None  # where lr came from (a sweep file), recorded in run.json
+    key_centres: int = CLUSTERS  # routing keys: K-Means centres per task and modality
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
         if self.eval_split not in ("val", "test"):
             raise ValueError(f"eval_split: {self.eval_split!r} is not 'val' or 'test'")
+        if self.key_centres < 1:
+            raise ValueError(f"key_centres: {self.key_centres} must be at least 1")
         object.__setattr__(self, "manifest", Path(self.manifest))
         object.__setattr__(self, "out", Path(self.out))
         if self.similarity is not None:
@@ -141,6 +144,7 @@ def start_or_resume(config: TrainConfig, backbone: Backbone, manifest_tasks: lis
         eval_split=config.eval_split,
         lr_source=config.lr_source,
         similarity_from_descriptions=config.similarity_from_descriptions,
+        key_centres=config.key_centres,
     )
     state = load_state(config.out)
     if state is None:
@@ -160,6 +164,7 @@ def start_or_resume(config: TrainConfig, backbone: Backbone, manifest_tasks: lis
         "task_threshold",
         "eval_split",
         "similarity_from_descriptions",
+        "key_centres",
     )
     changed = [
         f"{k} {getattr(saved, k)} -> {getattr(wanted, k)}"
@@ -350,7 +355,8 @@ def run_training(config: TrainConfig, control: Control = NO_CONTROL) -> RunState
     state = start_or_resume(config, backbone, in_order)
     spec, run = method_spec(config.method), state.config
     prompt_config = run.prompt_config()
-    bank, keys = PromptBank(), load_keys(config.out) or TaskKeys()
+    bank = PromptBank()
+    keys = load_keys(config.out, run.key_centres) or TaskKeys(run.key_centres)
     keys = keys.subset(state.done)  # a crash after saving keys but before run.json: drop it
     shared = new_prompts(config.method, prompt_config, backbone).to(device) if spec.shared else None
     finished = state.done if spec.trains else []  # zero-shot has no prompts to reload
