@@ -3,7 +3,8 @@
 A thin command line over `lpi.continual.evaluator.run_evaluation`: the flags fill an
 `EvalConfig`. It re-evaluates the run's final state from its checkpoints, takes the matrix
 after each task from what `lpi.train` recorded, and writes `RUN/eval.json` and a PNG heatmap
-of R@1 per task across the sequence (`RUN/recall.png`).
+of R@1 per task across the sequence (`RUN/recall.png`). `--key-centres K` asks what routing
+with K centres per task would give the same prompts, in `RUN/eval-centres-K.json`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from lpi.continual.evaluator import REPORT, EvalConfig, run_evaluation
+from lpi.continual.evaluator import EvalConfig, report_name, run_evaluation
 from lpi.continual.flags import DefaultsHelp, default_of
 from lpi.continual.run_state import RunError
 
@@ -30,7 +31,18 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     parser.add_argument("--manifest", type=Path, help="manifest; None means the run's own")
     parser.add_argument("--backbone", help="backbone; None means the run's own")
     parser.add_argument("--device", default=default_of(EvalConfig, "device"), help="torch device")
-    return EvalConfig(**vars(parser.parse_args(argv)))
+    parser.add_argument(
+        "--key-centres",
+        type=int,
+        default=None,
+        help="refit every task's routing keys with this many centres from the manifest's train "
+        "split instead of the run's saved keys, and write RUN/eval-centres-K.json (eval.json "
+        "is left as it is); None means the saved keys",
+    )
+    try:
+        return EvalConfig(**vars(parser.parse_args(argv)))
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         report["oracle"]["final_mean"],
         report["routed"]["final_mean"],
         report["oracle"]["mean_forgetting"],
-        config.run / REPORT,
+        config.run / report_name(config),
     )
     return 0
 

@@ -279,3 +279,28 @@ def test_a_method_the_sweep_skips_takes_its_familys_choice_or_the_trainer_defaul
     for name, method, lr in (("dense-J1N2", "dense", DENSE_LR), ("shared", "shared", LPI_LR)):
         recipe = continual.learning_rate(config[name], {})
         assert recipe == {"lr": lr, "init_std": None, "lr_source": f"default for {method}"}
+
+
+def test_refit_keys_at_the_runs_own_count_change_nothing(bench, tmp_path, capsys):
+    """benchmarks/continual_centres.py over runs re-evaluated with keys refit at the trainer's
+    own count: the same fit as the saved keys, so every figure matches and the gain is 0."""
+    import shutil
+
+    from lpi.evaluate import main as evaluate_main
+
+    folder = tmp_path / "bench"
+    shutil.copytree(bench / "runs", folder / "runs")
+    for run in sorted((folder / "runs").glob("*/seed-*")):
+        assert evaluate_main([str(run), "--key-centres", "5", "--device", "cpu"]) == 0
+    centres = importlib.import_module("continual_centres")
+    centres.main([str(folder), "--centres", "5", "--out", str(folder / "centres.json")])
+    rows = {r["config"]: r for r in json.loads((folder / "centres.json").read_text())["configs"]}
+    assert set(rows) == {"lpi-R4", "zero-shot"}
+    for row in rows.values():
+        assert row["seeds"] == [0, 1]
+        assert row["refit"] == row["saved"]
+        assert row["routed_r1_gain"]["values"] == [0.0, 0.0]
+        assert row["routed_r1_gain"]["passes_t95"] is False
+    assert "lpi-R4" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"no run has eval-centres-7\.json"):
+        centres.main([str(folder), "--centres", "7"])

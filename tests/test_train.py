@@ -158,6 +158,25 @@ def test_evaluate_reproduces_the_recorded_final_evaluation(tiny_runs, tmp_path):
         }
 
 
+def test_evaluate_with_refit_keys_leaves_the_runs_report_alone(tiny_runs, tmp_path):
+    """--key-centres K refits keys from the train split: at the run's own count it reproduces
+    the recorded routing (same fit, same queries); its report has its own name."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs / "lpi", run)
+    recorded = load_state(run).results[-1]
+    assert evaluate_main([str(run), "--key-centres", "5"]) == 0
+    assert not (run / "eval.json").exists()
+    refit = json.loads((run / "eval-centres-5.json").read_text())
+    assert refit["key_centres"] == 5 and "refit" in refit["keys"]
+    assert refit["routing_accuracy_final"] == recorded["routing_accuracy"]
+    assert refit["final"]["r1"] == recorded["r1"]
+    assert evaluate_main([str(run), "--key-centres", "1"]) == 0
+    one = json.loads((run / "eval-centres-1.json").read_text())
+    assert one["final"]["r1"]["oracle"] == recorded["r1"]["oracle"], "oracle needs no keys"
+    with pytest.raises(SystemExit, match="2"):
+        evaluate_main([str(run), "--key-centres", "0"])
+
+
 def test_pretraining_a_set_smaller_than_one_batch(tiny_runs, tmp_path):
     """drop_last never drops the only batch (it once made `python -m lpi.pretrain` divide by
     zero on 16 images with its default batch of 128)."""

@@ -31,8 +31,9 @@ from lpi.continual.run_state import (
     load_state,
     load_task,
 )
-from lpi.continual.trainer import default_device
+from lpi.continual.trainer import default_device, frozen_features
 from lpi.prompts import PromptBank
+from lpi.routing import TaskKeys
 
 log = logging.getLogger("lpi.evaluate")
 REPORT = "eval.json"
@@ -47,9 +48,14 @@ class EvalConfig:
     manifest: Path | None = None
     backbone: str | None = None
     device: str = dataclasses.field(default_factory=default_device)
+    # None: route by the keys the run saved; K: refit every task's keys with K centres from the
+    # manifest's training data (routing at another count without retraining; its own report)
+    key_centres: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run", Path(self.run))
+        if self.key_centres is not None and self.key_centres < 1:
+            raise ValueError(f"key_centres: {self.key_centres} must be at least 1")
         if self.manifest is not None:
             object.__setattr__(self, "manifest", Path(self.manifest))
 
@@ -97,7 +103,12 @@ def evaluate_run(config: EvalConfig) -> dict:
     records = read_manifest(config.manifest or state.config.manifest)
     size = backbone.config.vision.image_size
     tests = {t: make_test_set(*eval_set(select(records, t, "test"), size)) for t in state.done}
-    final = evaluate_seen(backbone, final_bank(run, state, backbone, device), load_keys(run), tests)
+    keys, keys_saved = load_keys(run), config.key_centres is None
+    if config.key_centres is not None:
+        keys = TaskKeys(config.key_centres)
+        for task in state.done:
+            keys.add(task, *frozen_features(backbone, select(records, task, "train"), device))
+    final = evaluate_seen(backbone, final_bank(run, state, backbone, device), keys, tests)
     report: dict = json_safe(
         {
             "method": state.config.method,
@@ -107,19 +118,27 @@ def evaluate_run(config: EvalConfig) -> dict:
             "oracle": summarise(state.results, "oracle"),
             "routed": summarise(state.results, "routed"),
             "routing_accuracy_final": final["routing_accuracy"],
+            "key_centres": state.config.key_centres if keys_saved else config.key_centres,
+            "keys": "saved by the run" if keys_saved else "refit from the manifest's train split",
         }
     )
     return report
 
 
+def report_name(config: EvalConfig) -> str:
+    """eval.json for the run's own keys; eval-centres-K.json for keys refit with K centres, so
+    a what-if never overwrites the report the benchmark reads."""
+    return REPORT if config.key_centres is None else f"eval-centres-{config.key_centres}.json"
+
+
 def run_evaluation(config: EvalConfig) -> dict:
-    """Evaluate `config.run`, write its eval.json (atomic) and recall.png; the report.
+    """Evaluate `config.run`, write its report (atomic, `report_name`) and recall.png.
 
     Raises RunError for a run with no finished task or another backbone, ValueError or OSError
     for bad data.
     """
     report = evaluate_run(config)
-    atomic.write_json(config.run / REPORT, report)
+    atomic.write_json(config.run / report_name(config), report)
     title = f"{report['method']}: R@1 (mean of both directions), oracle task"
     draw_heatmap(report["oracle"]["matrix"], report["tasks"], title, config.run / HEATMAP)
     return report
