@@ -2,18 +2,16 @@
 every task's own gallery, and routing accuracy by task keys at several centre counts.
 
 Zero-shot R@1 is the mean of image->text and text->image R@1 on each task's test (or val)
-gallery, unprompted. Routing fits each task's keys as the trainer does (`lpi.routing.TaskKeys`:
-K-Means centres of the frozen features of its training data, `--key-centres` of
-`python -m lpi.train`) and routes every test image and caption of every task to the nearest
-centre of all tasks, as the final evaluation of a continual run does. Accuracy is the percent
-routed to their own task. The paper fixes 5 centres; a task whose frozen images form more
-clusters than that (several backgrounds times several sizes) loses its queries to the tasks
-whose centres sit closer, which the per-task table shows. Several manifests (one per seed) give
-mean and std.
+gallery, unprompted. Routing fits each task's keys as the trainer does (K-Means centres of the
+frozen features of its training data; `--key-centres` of `python -m lpi.train`) and routes
+every test image and caption of every task to the nearest centre of all tasks, as the final
+evaluation of a continual run does. Accuracy is the percent routed to their own task, overall
+and per task. The paper fixes 5 centres; this shows what more would change without training
+anything. Several manifests (one per seed) give mean and std.
 
     python benchmarks/backbone_quality.py --backbone cache/bench-.../backbone.safetensors \
         --manifest data/seed-0/manifest.jsonl data/seed-1/manifest.jsonl \
-        --centres 5 10 20 --out benchmarks/results/backbone_quality.json
+        --centres 5 10 20 --out docs/backbone_quality.json
 """
 
 from __future__ import annotations
@@ -26,26 +24,30 @@ from pathlib import Path
 
 import torch
 from benchkit import table, write_json
+from continual_report import stats
 
 from lpi.checkpoint import load_backbone
+from lpi.continual import recall as recall_metrics
 from lpi.continual.data.loader import eval_set
 from lpi.continual.data.manifest import read_manifest, select, tasks
 from lpi.continual.evaluation import (
-    evaluate_seen,
-    frozen_queries,
+    fit_keys,
+    frozen_features,
+    headline_r1,
+    key_features,
     make_test_set,
     route_queries,
     routing_confusion,
 )
-from lpi.continual.trainer import frozen_features
-from lpi.routing import CLUSTERS, TaskKeys
+from lpi.continual.flags import DefaultsHelp
+from lpi.routing import CLUSTERS
 
 MODALITIES = ("image", "text")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n")[0], formatter_class=DefaultsHelp
     )
     parser.add_argument("--backbone", type=Path, required=True, help=".safetensors backbone")
     parser.add_argument(
@@ -64,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="K-Means centres per task and modality to measure routing at",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--out", type=Path, help="JSON result (default: print only)")
+    parser.add_argument("--out", type=Path, help="JSON result; None prints only")
     args = parser.parse_args(argv)
     if min(args.centres) < 1:
         parser.error("--centres: each count must be at least 1")
@@ -77,16 +79,15 @@ def measure_manifest(backbone, manifest: Path, split: str, centres: list[int]) -
     size = backbone.config.vision.image_size
     records = read_manifest(manifest)
     names = tasks(records)
-    train = {t: frozen_features(backbone, select(records, t, "train"), "cpu") for t in names}
+    train = {t: key_features(backbone, select(records, t, "train")) for t in names}
     sets = {t: make_test_set(*eval_set(select(records, t, split), size)) for t in names}
-    zero_shot = evaluate_seen(backbone, None, None, sets)["r1"]["oracle"]
-    queries = frozen_queries(backbone, sets)
+    queries = {t: frozen_features(backbone, sets[t]) for t in names}
+    galleries = {t: (*queries[t], sets[t].caption_to_image) for t in names}
+    recall = recall_metrics.task_and_union_recall(galleries)
+    zero_shot = {t: headline_r1(recall[t]["task"]) for t in names}
     routing = {}
     for count in centres:
-        keys = TaskKeys(count)
-        for task in names:
-            keys.add(task, *train[task])
-        image_rows, text_rows, accuracy = route_queries(keys, queries)
+        image_rows, text_rows, accuracy = route_queries(fit_keys(train, count), queries)
         right = {}
         for modality, rows in (("image", image_rows), ("text", text_rows)):
             confusion = routing_confusion(rows)
@@ -101,14 +102,6 @@ def measure_manifest(backbone, manifest: Path, split: str, centres: list[int]) -
     }
 
 
-def _spread(values: list[float]) -> dict:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "values": values,
-    }
-
-
 def summarise(per_manifest: list[dict], centres: list[int]) -> list[dict]:
     """Per centre count: accuracy per modality and per task, mean and std over the manifests."""
     names = [row["task"] for row in per_manifest[0]["tasks"]]
@@ -117,13 +110,18 @@ def summarise(per_manifest: list[dict], centres: list[int]) -> list[dict]:
         runs = [m["routing"][count] for m in per_manifest]
         row = {"centres": count}
         for modality in MODALITIES:
-            row[modality] = _spread([r["accuracy"][modality] for r in runs])
+            row[modality] = stats([r["accuracy"][modality] for r in runs])
             row[f"{modality}_own_task"] = {
                 t: statistics.fmean(r["own_task"][modality].get(t, 0.0) for r in runs)
                 for t in names
             }
         summary.append(row)
     return summary
+
+
+def _cell(summary: dict) -> str:
+    std = summary["std"]  # None for one manifest: no spread measured
+    return f"{summary['mean']:.1f}" + ("" if std is None else f" ± {std:.1f}")
 
 
 def print_tables(per_manifest: list[dict], summary: list[dict]) -> None:
@@ -135,8 +133,8 @@ def print_tables(per_manifest: list[dict], summary: list[dict]) -> None:
     rows = [
         {
             "centres": row["centres"],
-            "image": f"{row['image']['mean']:.1f} ± {row['image']['std']:.1f}",
-            "text": f"{row['text']['mean']:.1f} ± {row['text']['std']:.1f}",
+            "image": _cell(row["image"]),
+            "text": _cell(row["text"]),
             **{t: f"{row['image_own_task'][t]:.0f}/{row['text_own_task'][t]:.0f}" for t in names},
         }
         for row in summary

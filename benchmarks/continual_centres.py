@@ -21,16 +21,18 @@ from pathlib import Path
 from benchkit import table, write_json
 from continual_report import stats, t_critical
 
+from lpi.continual.flags import DefaultsHelp
+
 MODALITIES = ("image", "text")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n")[0], formatter_class=DefaultsHelp
     )
     parser.add_argument("folder", type=Path, help="the benchmark's --out folder (holds runs/)")
     parser.add_argument("--centres", type=int, required=True, help="K of eval-centres-K.json")
-    parser.add_argument("--out", type=Path, help="JSON result (default: print only)")
+    parser.add_argument("--out", type=Path, help="JSON result; None prints only")
     return parser.parse_args(argv)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 from pathlib import Path
 
 from lpi.continual.evaluator import EvalConfig, report_name, run_evaluation
@@ -36,8 +37,8 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
         type=int,
         default=None,
         help="refit every task's routing keys with this many centres from the manifest's train "
-        "split instead of the run's saved keys, and write RUN/eval-centres-K.json (eval.json "
-        "is left as it is); None means the saved keys",
+        "split instead of the run's saved keys, and write only RUN/eval-centres-K.json (eval.json "
+        "and recall.png are left as they are); None means the saved keys",
     )
     try:
         return EvalConfig(**vars(parser.parse_args(argv)))
@@ -53,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     except (RunError, ValueError, OSError) as err:
         log.error("%s", err)
         return 2
+    final = report["final"]["r1"]
     log.info(
-        "final mean R@1 oracle %.2f routed %.2f, forgetting %s; wrote %s",
-        report["oracle"]["final_mean"],
-        report["routed"]["final_mean"],
+        "final mean R@1 oracle %.2f routed %.2f (%s centres per task), forgetting %s; wrote %s",
+        statistics.fmean(final["oracle"].values()),
+        statistics.fmean(final["routed"].values()),
+        report["key_centres"],
         report["oracle"]["mean_forgetting"],
         config.run / report_name(config),
     )

@@ -85,8 +85,8 @@ def add_train_flags(parser: argparse.ArgumentParser, sweep: bool = False) -> Non
         "--key-centres",
         type=int,
         default=default("key_centres"),
-        help="routing keys: K-Means centres per task and modality (the paper's 5; a task whose "
-        "images form more clusters than this routes worse, see benchmarks/backbone_quality.py)",
+        help="routing keys: K-Means centres per task and modality (the paper's 5; "
+        "benchmarks/backbone_quality.py measures routing at several counts)",
     )
     parser.add_argument("--cache", action="store_true", help="hold decoded pixels in memory")
     parser.add_argument("--seed", type=int, default=default("seed"), help="of data order and init")
@@ -121,7 +121,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         if point.get("init_std") is not None:
             fields["init_std"] = float(point["init_std"])
         fields["lr_source"] = f"{lr_from} (val R@1 {point.get('score')})"
-    return TrainConfig(**fields)
+    try:
+        return TrainConfig(**fields)
+    except ValueError as error:  # a value the flags' types let through (--key-centres 0)
+        parser.error(str(error))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,13 @@ import pytest
 
 import lpi
 from export.bundle import BundleRecipe
+from lpi.checkpoint import load_backbone
+from lpi.continual.data.loader import eval_set
+from lpi.continual.data.manifest import read_manifest, select
+from lpi.continual.evaluation import frozen_features, key_features, make_test_set, routing_confusion
 from lpi.continual.run_state import load_keys, load_state, task_file
 from lpi.evaluate import main as evaluate_main
+from lpi.routing import TaskKeys
 from lpi.train import main as train_main
 
 
@@ -160,21 +165,49 @@ def test_evaluate_reproduces_the_recorded_final_evaluation(tiny_runs, tmp_path):
 
 def test_evaluate_with_refit_keys_leaves_the_runs_report_alone(tiny_runs, tmp_path):
     """--key-centres K refits keys from the train split: at the run's own count it reproduces
-    the recorded routing (same fit, same queries); its report has its own name."""
+    the recorded routing (same fit, same queries), at 1 centre it routes as keys fitted here
+    with 1 centre do; its report has its own name and eval.json and recall.png stay as they are."""
     run = tmp_path / "run"
     shutil.copytree(tiny_runs / "lpi", run)
+    assert evaluate_main([str(run)]) == 0
+    before = {name: (run / name).read_bytes() for name in ("eval.json", "recall.png")}
     recorded = load_state(run).results[-1]
     assert evaluate_main([str(run), "--key-centres", "5"]) == 0
-    assert not (run / "eval.json").exists()
     refit = json.loads((run / "eval-centres-5.json").read_text())
-    assert refit["key_centres"] == 5 and "refit" in refit["keys"]
+    assert refit["key_centres"] == 5 and "refit" in refit["keys"] and refit["routed"] is None
     assert refit["routing_accuracy_final"] == recorded["routing_accuracy"]
     assert refit["final"]["r1"] == recorded["r1"]
     assert evaluate_main([str(run), "--key-centres", "1"]) == 0
     one = json.loads((run / "eval-centres-1.json").read_text())
     assert one["final"]["r1"]["oracle"] == recorded["r1"]["oracle"], "oracle needs no keys"
+    assert one["final"]["routing_confusion"] == _routing_confusion_at(run, 1)
+    assert {name: (run / name).read_bytes() for name in before} == before
     with pytest.raises(SystemExit, match="2"):
         evaluate_main([str(run), "--key-centres", "0"])
+
+
+def _routing_confusion_at(run, centres: int) -> dict:
+    """Each task's test queries routed by keys fitted here with `centres` centres."""
+    state = load_state(run)
+    backbone = load_backbone(state.config.backbone)
+    records = read_manifest(state.config.manifest)
+    keys = TaskKeys(centres)
+    for task in state.done:
+        keys.add(task, *key_features(backbone, select(records, task, "train")))
+    size = backbone.config.vision.image_size
+    routed: dict = {"image": {}, "text": {}}
+    for task in state.done:
+        test = make_test_set(*eval_set(select(records, task, "test"), size))
+        image, text = frozen_features(backbone, test)
+        routed["image"][task] = keys.route_names(image, "image")
+        routed["text"][task] = keys.route_names(text, "text")
+    return {m: routing_confusion(rows) for m, rows in routed.items()}
+
+
+def test_train_refuses_a_centre_count_below_one(tiny_runs, tmp_path):
+    with pytest.raises(SystemExit, match="2"):
+        train_main(_args(tiny_runs, tmp_path / "run", "--key-centres", "0"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_pretraining_a_set_smaller_than_one_batch(tiny_runs, tmp_path):

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 from lpi.continual import recall as recall_metrics
+from lpi.continual.data.loader import eval_set
+from lpi.continual.data.manifest import Record
 from lpi.prompts import PromptBank
 from lpi.routing import TaskKeys, routing_accuracy
 from lpi.tokenizer import tokenize
@@ -120,20 +122,30 @@ def _routes(
     backbone: Backbone, keys: TaskKeys, sets: dict[str, TestSet]
 ) -> tuple[dict[str, list[str]], dict[str, list[str]], dict[str, float]]:
     """Each query's routed task, from its frozen features, and routing accuracy per modality."""
-    return route_queries(keys, frozen_queries(backbone, sets))
+    return route_queries(keys, {task: frozen_features(backbone, d) for task, d in sets.items()})
 
 
-def frozen_queries(
-    backbone: Backbone, sets: dict[str, TestSet]
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per task, the frozen, unprompted features (image [I, E], text [C, E]) that routing reads."""
-    return {
-        task: (
-            encode(backbone, None, data.pixels, [None] * len(data.pixels), True),
-            encode(backbone, None, data.tokens, [None] * len(data.tokens), False),
-        )
-        for task, data in sets.items()
-    }
+def frozen_features(backbone: Backbone, data: TestSet) -> tuple[Tensor, Tensor]:
+    """Unprompted image [I, E] and text [C, E] features: what routing reads, and (of a task's
+    training data) what its keys are fitted on."""
+    return (
+        encode(backbone, None, data.pixels, [None] * len(data.pixels), True),
+        encode(backbone, None, data.tokens, [None] * len(data.tokens), False),
+    )
+
+
+def key_features(backbone: Backbone, records: Sequence[Record]) -> tuple[Tensor, Tensor]:
+    """The frozen features of a task's training records, the inputs of its keys."""
+    size = backbone.config.vision.image_size
+    return frozen_features(backbone, make_test_set(*eval_set(records, size)))
+
+
+def fit_keys(features: Mapping[str, tuple[Tensor, Tensor]], centres: int) -> TaskKeys:
+    """Keys with `centres` centres per modality for each task's (image, text) key features."""
+    keys = TaskKeys(centres)
+    for task, (image, text) in features.items():
+        keys.add(task, image, text)
+    return keys
 
 
 def route_queries(

@@ -29,7 +29,7 @@ from lpi.continual.control import NO_CONTROL, Control
 from lpi.continual.data.loader import eval_set, make_loader
 from lpi.continual.data.manifest import Record, read_manifest, select
 from lpi.continual.data.manifest import tasks as tasks_in_order
-from lpi.continual.evaluation import evaluate_seen, make_test_set
+from lpi.continual.evaluation import evaluate_seen, key_features, make_test_set
 from lpi.continual.methods import (
     METHODS,
     MethodSpec,
@@ -323,17 +323,6 @@ def task_matrix(
     return None
 
 
-def frozen_features(
-    backbone: Backbone, records: Sequence[Record], device: torch.device | str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unprompted image and text features of a task's training data: its keys' inputs."""
-    data = make_test_set(*eval_set(records, backbone.config.vision.image_size))
-    with torch.no_grad():
-        image = torch.cat([backbone.encode_image(p.to(device)) for p in data.pixels.split(256)])
-        text = torch.cat([backbone.encode_text(t.to(device)) for t in data.tokens.split(256)])
-    return image.cpu(), text.cpu()
-
-
 def run_training(config: TrainConfig, control: Control = NO_CONTROL) -> RunState:
     """Train (or resume) the run `config` describes; its state, also saved in `config.out`.
 
@@ -414,7 +403,7 @@ def run_training(config: TrainConfig, control: Control = NO_CONTROL) -> RunState
                 extra={"task": task, "gradient_ratios": ratios},
             )
         part.check()
-        keys.add(task, *frozen_features(backbone, train_records, device))
+        keys.add(task, *key_features(backbone, train_records))
         seen = {t: tests[t] for t in [*state.done, task]}
         result = evaluate_seen(backbone, bank if spec.trains else None, keys, seen)
         result.update(after_task=task, loss=history, seconds=time.perf_counter() - start)
