@@ -62,6 +62,10 @@ Plan = Generator["Call", Any, T]
 # No answer came: worth another try. Other transport errors (a bad URL scheme, a proxy refusing
 # us) would fail the same way again.
 RETRYABLE = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+# ... and of those, the ones where the request never reached the server: safe to send any call
+# again. After the others the server may have done the call's work, so only a repeatable call
+# is sent again (a second load would answer `changed: False` for a load that did happen).
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 @dataclass(frozen=True)
@@ -69,8 +73,9 @@ class RetryPolicy:
     """When and how long to wait before sending a call again.
 
     Retried: a 503 (busy, stopping, store down), a 409 with Retry-After (a fleet replica loading
-    the task), no answer, and, for a call safe to repeat (`Call.repeatable`), a 500 the server
-    did not write (`worth_retrying`); never another 4xx, nor another 5xx. Waits double from
+    the task), a connection that never opened, and, for a call safe to repeat
+    (`Call.repeatable`), no answer or a 500 the server did not write (`worth_retrying`); never
+    another 4xx, nor another 5xx. Waits double from
     `backoff` up to `max_backoff`, each drawn from its upper half (jitter: clients that failed
     together do not come back together); Retry-After replaces it, capped at `max_retry_after`.
     """
@@ -152,13 +157,18 @@ class BaseClient:
         raise error_from_response(status, response.content, response.headers)
 
     def _failure(self, call: Call, error: httpx.TransportError, attempt: int) -> Retry:
-        """A `Retry` for a request that got no answer while retries are left, else the error."""
-        if isinstance(error, RETRYABLE) and attempt < self.retry.retries:
+        """A `Retry` for a request that got no answer while retries are left and sending it
+        again is safe (it never left, or the call is repeatable), else the error."""
+        safe = call.repeatable or isinstance(error, NOT_SENT)
+        if isinstance(error, RETRYABLE) and safe and attempt < self.retry.retries:
             wait = self.retry.delay(attempt)
             return self._retrying(call, _describe(error), attempt, wait)
         kind = "timeout" if isinstance(error, httpx.TimeoutException) else "connection_failed"
+        unknown = (
+            "" if safe else "; not sent again: the server may have done it, check before retrying"
+        )
         raise ConnectionFailed(
-            f"{call.method} {self.base_url}{call.path}: {_describe(error)}", type=kind
+            f"{call.method} {self.base_url}{call.path}: {_describe(error)}{unknown}", type=kind
         ) from error
 
     def _retrying(self, call: Call, reason: str, attempt: int, wait: float) -> Retry:

@@ -7,7 +7,7 @@ LpiError                      status, type, message, field, body
 │   └── ConflictError         409 (version not loaded or not indexed, no task keys)
 ├── ServerError               5xx other than 503; never retried
 │   └── OverloadedError       503 still answered after every retry (queue full, store down)
-├── ConnectionFailed          no answer: refused, reset or timed out after every retry
+├── ConnectionFailed          no answer: refused, reset or timed out (after every safe retry)
 ├── VersionChangedError       chunks of one call were answered by different prompt versions
 └── InvalidResponseError      a 2xx body that does not parse as the wire schema
 """
@@ -80,7 +80,9 @@ class OverloadedError(ServerError):
 
 
 class ConnectionFailed(LpiError):
-    """No HTTP answer: the connection was refused or reset, or timed out, after every retry."""
+    """No HTTP answer: the connection was refused or reset, or timed out, after every retry
+    that was safe (a load or delete whose answer was lost is not sent again: it may have
+    happened, and the message says so)."""
 
 
 class VersionChangedError(LpiError):

@@ -192,3 +192,23 @@ def test_chunks_of_two_prompt_versions_are_refused(connect):
     with pytest.raises(VersionChangedError) as err:
         client.embed_texts(["a", "b"], "t", chunk_size=1)
     assert err.value.field == "task" and isinstance(err.value, LpiError)
+
+
+@pytest.mark.parametrize("failure", [httpx.ReadTimeout("slow"), httpx.ReadError("reset")])
+def test_a_lost_answer_to_a_call_not_safe_twice_is_not_resent(connect, failure):
+    """The server may have unloaded the task before the answer was lost: a second DELETE would
+    answer with no versions unloaded for an unload that happened, so the error says so."""
+    script = Script(failure, OK)
+    client = connect(transport=httpx.MockTransport(script))
+    with pytest.raises(ConnectionFailed) as err:
+        client.unload_task("t")
+    assert len(script.requests) == 1
+    assert "may have done it" in str(err.value)
+
+
+def test_a_connection_that_never_opened_is_resent_for_any_call(connect):
+    body = {"task": "t", "unloaded_versions": ["v1"], "vectors_deleted": False}
+    script = Script(httpx.ConnectError("refused"), httpx.Response(200, json=body))
+    client = connect(transport=httpx.MockTransport(script))
+    assert client.unload_task("t").unloaded_versions == ["v1"]
+    assert len(script.requests) == 2
