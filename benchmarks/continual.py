@@ -61,7 +61,7 @@ class Config:
     family: str  # the Pareto curve it belongs to (dense, lpi, lpi-no-interaction) or the method
     parameters_per_task: int = 0
     matched_to: str | None = None  # the interaction config whose count this one matches
-    interaction_rank: int = 4  # R_i of the interaction maps (LPI with interaction only)
+    interaction_rank: int = PromptConfig.interaction_rank  # R_i (LPI with interaction only)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,7 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--tokens", type=int, default=8, help="N of the LPI configs")
     add("--rank", type=int, default=4, help="R of the headline LPI and its ablations")
     add("--ranks", nargs="+", type=int, default=[1, 2, 4, 8, 16], help="LPI Pareto ranks")
-    add("--interaction-rank", type=int, default=4, help="R_i of the LPI configs")
+    add(
+        "--interaction-rank",
+        type=int,
+        default=PromptConfig.interaction_rank,
+        help="R_i of the LPI configs",
+    )
     add(
         "--low-interaction-ranks",
         nargs="*",
@@ -97,7 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def prompt_count(
-    method: str, layers: int, tokens: int, rank: int, backbone, interaction_rank: int = 4
+    method: str,
+    layers: int,
+    tokens: int,
+    rank: int,
+    backbone,
+    interaction_rank: int = PromptConfig.interaction_rank,
 ) -> int:
     """Trainable parameters per task of one config (0 for zero-shot)."""
     if not method_spec(method).trains:

@@ -75,7 +75,7 @@ class TrainConfig:
     layers: int = 9  # J prompted layers (capped at the backbone's depth)
     tokens: int = 16  # N prompt tokens per modality
     rank: int = 4  # R, rank of the CP factors
-    interaction_rank: int = 4  # R_i
+    interaction_rank: int = PromptConfig.interaction_rank  # R_i
     epochs: int = 5
     batch_size: int = 64
     lr: float | None = None  # peak lr; None: default_lr(method), the best the bench sweep found
