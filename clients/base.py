@@ -42,6 +42,7 @@ from clients.calls import (  # re-exported: the SDK's helpers have lived here
     merge_embeddings,
     points_call,
     routing_headers,
+    safe_to_resend,
     search_call,
     text_item,  # noqa: F401 (re-exported)
     to_numpy,
@@ -59,25 +60,16 @@ USER_AGENT = "lpi-serve-client/0.1.0"
 
 Plan = Generator["Call", Any, T]
 
-# No answer came: worth another try. Other transport errors (a bad URL scheme, a proxy refusing
-# us) would fail the same way again.
-RETRYABLE = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
-# ... and of those, the ones where the request never reached the server: safe to send any call
-# again. After the others the server may have done the call's work, so only a repeatable call
-# is sent again (a second load would answer `changed: False` for a load that did happen).
-NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-
 
 @dataclass(frozen=True)
 class RetryPolicy:
     """When and how long to wait before sending a call again.
 
     Retried: a 503 (busy, stopping, store down), a 409 with Retry-After (a fleet replica loading
-    the task), a connection that never opened, and, for a call safe to repeat
-    (`Call.repeatable`), no answer or a 500 the server did not write (`worth_retrying`); never
-    another 4xx, nor another 5xx. Waits double from
-    `backoff` up to `max_backoff`, each drawn from its upper half (jitter: clients that failed
-    together do not come back together); Retry-After replaces it, capped at `max_retry_after`.
+    the task), a connection that never opened, and, for a call safe to repeat (`repeatable`), no
+    answer or a 500 the server did not write; never another 4xx, nor another 5xx. Waits double
+    from `backoff` up to `max_backoff`, each drawn from its upper half (jitter: clients that
+    failed together do not come back together); Retry-After replaces it, up to `max_retry_after`.
     """
 
     retries: int = 3  # attempts after the first
@@ -159,14 +151,12 @@ class BaseClient:
     def _failure(self, call: Call, error: httpx.TransportError, attempt: int) -> Retry:
         """A `Retry` for a request that got no answer while retries are left and sending it
         again is safe (it never left, or the call is repeatable), else the error."""
-        safe = call.repeatable or isinstance(error, NOT_SENT)
-        if isinstance(error, RETRYABLE) and safe and attempt < self.retry.retries:
+        safe = safe_to_resend(call, error)
+        if safe and attempt < self.retry.retries:
             wait = self.retry.delay(attempt)
             return self._retrying(call, _describe(error), attempt, wait)
         kind = "timeout" if isinstance(error, httpx.TimeoutException) else "connection_failed"
-        unknown = (
-            "" if safe else "; not sent again: the server may have done it, check before retrying"
-        )
+        unknown = "; not sent again: the server may have done it" if safe is False else ""
         raise ConnectionFailed(
             f"{call.method} {self.base_url}{call.path}: {_describe(error)}{unknown}", type=kind
         ) from error

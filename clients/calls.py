@@ -314,6 +314,23 @@ def worth_retrying(call: Call, response: httpx.Response) -> tuple[bool, float | 
     return False, None
 
 
+# No answer came: worth another try. Other transport errors (a bad URL scheme, a proxy refusing
+# us) would fail the same way again.
+RETRYABLE = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+# Of those, the ones where the request never reached the server.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def safe_to_resend(call: Call, error: httpx.TransportError) -> bool | None:
+    """After a call got no answer: True if sending it again is safe (the request never left,
+    or the call is `repeatable`), False if the server may have done its work and a second send
+    would answer differently (a load answering `changed: False`), None if another try would
+    fail the same way."""
+    if not isinstance(error, RETRYABLE):
+        return None
+    return call.repeatable or isinstance(error, NOT_SENT)
+
+
 def routing_headers(call: Call) -> dict[str, str]:
     """The one task a call names (its body's or form's `task`) in the header a fleet's proxy
     routes by (replicas holding the task first); one server ignores it."""
