@@ -11,7 +11,7 @@ anything. Several manifests (one per seed) give mean and std.
 
     python benchmarks/backbone_quality.py --backbone cache/bench-.../backbone.safetensors \
         --manifest data/seed-0/manifest.jsonl data/seed-1/manifest.jsonl \
-        --centres 5 10 20 --out docs/backbone_quality.json
+        --centres 5 10 20 --out docs/backbone_quality_bench.json
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 from benchkit import table, write_json
-from continual_report import stats, t_critical
+from continual_report import paired, stats
 
 from lpi.continual.flags import DefaultsHelp
 
@@ -72,11 +72,13 @@ def summarise(found: dict[str, dict[int, dict]]) -> list[dict]:
                 "oracle_r1": stats([r[keys]["oracle_r1"] for r in runs]),
                 **{m: stats([r[keys]["routing"][m] for r in runs]) for m in MODALITIES},
             }
-        gain = stats([r["refit"]["routed_r1"] - r["saved"]["routed_r1"] for r in runs])
-        t = t_critical(len(runs) - 1) if len(runs) >= 2 else None
-        gain["t_critical_95"] = t
-        gain["passes_t95"] = bool(t and gain["sem"] and abs(gain["mean"]) > t * gain["sem"])
-        row["routed_r1_gain"] = gain
+        # refit minus saved, seed by seed, through the report's own paired t-test
+        paired_rows = [
+            {"config": keys, "seed": seed, "routed_r1": seeds[seed][keys]["routed_r1"]}
+            for seed in sorted(seeds)
+            for keys in ("saved", "refit")
+        ]
+        row["routed_r1_gain"] = paired({"runs": paired_rows}, "refit", "saved", "routed_r1")
         rows.append(row)
     return rows
 

@@ -223,6 +223,13 @@ def planned_comparisons(results: dict) -> list[tuple[str, str, str, str]]:
         for c in configs.values()
         if c["family"] == "lpi-Ri1"
     ]
+    denser = [c for c in configs.values() if c["method"] == "dense"]
+    for name, label in ((head, ""), (f"lpi-R{shape['rank']}-Ri1", ", R_i = 1,")):
+        own = configs.get(name, {}).get("parameters_per_task")  # the Pareto question, one budget
+        if denser and own is not None:
+            near = min(denser, key=lambda d: abs(d["parameters_per_task"] - own))["name"]
+            question = f"LPI R{shape['rank']}{label} vs the dense shape nearest its parameters"
+            plan.append((question + ", oracle R@1", name, near, "oracle.r1"))
     return [(q, a, b, m) for q, a, b, m in plan if a in configs and b in configs]
 
 

@@ -396,9 +396,8 @@ class BaseClient:
         return (yield call)
 
     def _promote(self, task: str, version: str, *, force: bool = False) -> Plan[schema.TaskInfo]:
-        """Make a loaded prompt version the one /search uses (after re-indexing under it).
-
-        A version with no vectors while the serving one has some is refused (409,
+        """Make a loaded prompt version the one /search uses (after re-indexing under it). A
+        version with no vectors while the serving one has some is refused (409,
         `version_not_indexed`): /search would find nothing. `force=True` promotes it anyway."""
         body = schema.PromoteRequest(version=version, force=force)
         call = Call(
@@ -407,6 +406,7 @@ class BaseClient:
             schema.TaskInfo.model_validate_json,
             body=body,
             admin=True,
+            idempotent=True,  # a second promote sets the same state and answers the same
         )
         return (yield call)
 

@@ -47,14 +47,16 @@ class Call:
     files: tuple[tuple[str, tuple[str, bytes, str]], ...] = ()
     admin: bool = False  # sent with the admin key
     ok: frozenset[int] = frozenset({200})  # statuses whose body `parse` reads
-    # Sending it twice does what sending it once does, and answers the same: a lost proxy's 500
-    # may hide a first success, so only such calls (and every GET) are sent again after one.
-    # A load answers `changed: False` the second time, a delete `deleted: 0`: not idempotent.
+    # Sending it twice does what sending it once does, and answers the same: a lost answer (a
+    # reset, a read timeout, a proxy's 500) may hide a first success, so only such calls (and
+    # every GET) are sent again after one. A load answers `changed: False` the second time, an
+    # unload no versions: not idempotent.
     idempotent: bool = False
 
     @property
     def repeatable(self) -> bool:
-        """Whether a 500 the server did not write may be answered by sending the call again."""
+        """Whether a lost answer (no answer after sending, or a 500 the server did not write)
+        may be answered by sending the call again."""
         return self.idempotent or self.method == "GET"
 
 

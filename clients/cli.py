@@ -99,7 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds per request (default %(default)s)",
     )
     parser.add_argument(
-        "--retries", type=int, default=3, help="on 503 and lost connections (default %(default)s)"
+        "--retries",
+        type=int,
+        default=3,
+        help="resends on 503, unopened connections and, for calls safe twice, lost answers "
+        "(default %(default)s)",
     )
     parser.add_argument(
         "-o",

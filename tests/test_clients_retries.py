@@ -194,21 +194,44 @@ def test_chunks_of_two_prompt_versions_are_refused(connect):
     assert err.value.field == "task" and isinstance(err.value, LpiError)
 
 
+NOT_SAFE_TWICE = {  # a second send may answer differently for work the first one did
+    "unload": lambda c: c.unload_task("t"),
+    "load": lambda c: c.load_task("t", b"artifact"),
+    "delete points": lambda c: c.delete_points("t", ids=["a"]),
+}
+
+
 @pytest.mark.parametrize("failure", [httpx.ReadTimeout("slow"), httpx.ReadError("reset")])
-def test_a_lost_answer_to_a_call_not_safe_twice_is_not_resent(connect, failure):
-    """The server may have unloaded the task before the answer was lost: a second DELETE would
-    answer with no versions unloaded for an unload that happened, so the error says so."""
+@pytest.mark.parametrize("call", list(NOT_SAFE_TWICE))
+def test_a_lost_answer_to_a_call_not_safe_twice_is_not_resent(connect, failure, call):
+    """The server may have done it before the answer was lost: the error says so instead."""
     script = Script(failure, OK)
     client = connect(transport=httpx.MockTransport(script))
     with pytest.raises(ConnectionFailed) as err:
-        client.unload_task("t")
+        NOT_SAFE_TWICE[call](client)
     assert len(script.requests) == 1
     assert "may have done it" in str(err.value)
 
 
-def test_a_connection_that_never_opened_is_resent_for_any_call(connect):
-    body = {"task": "t", "unloaded_versions": ["v1"], "vectors_deleted": False}
-    script = Script(httpx.ConnectError("refused"), httpx.Response(200, json=body))
+@pytest.mark.parametrize(
+    "failure",
+    [httpx.ConnectError("refused"), httpx.ConnectTimeout("slow"), httpx.PoolTimeout("full")],
+)
+@pytest.mark.parametrize("call", list(NOT_SAFE_TWICE))
+def test_a_connection_that_never_opened_is_resent_for_any_call(connect, failure, call):
+    script = Script(failure, httpx.Response(200, text="not the schema"))
     client = connect(transport=httpx.MockTransport(script))
-    assert client.unload_task("t").unloaded_versions == ["v1"]
+    with pytest.raises(InvalidResponseError):  # the second send was answered (by a mock body)
+        NOT_SAFE_TWICE[call](client)
+    assert len(script.requests) == 2
+
+
+@pytest.mark.parametrize(
+    "call", [lambda c: c.search("t", text="a"), lambda c: c.promote("t", "v2")]
+)
+def test_a_lost_answer_to_a_call_safe_twice_is_resent(connect, call):
+    script = Script(httpx.ReadTimeout("slow"), httpx.Response(200, text="not the schema"))
+    client = connect(transport=httpx.MockTransport(script))
+    with pytest.raises(InvalidResponseError):
+        call(client)
     assert len(script.requests) == 2

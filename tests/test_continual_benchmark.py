@@ -177,6 +177,13 @@ def test_the_report_renders_partial_results(scripts, bench, tmp_path):
     assert saved["aggregate"]["dense-J4N8"]["metrics"]["r1"]["mean"] is None
     comparison = next(c for c in payload["comparisons"] if c["b"] == "zero-shot")
     assert comparison["result"]["seeds"] == [0, 1]
+    counts = {name: e["config"]["parameters_per_task"] for name, e in saved["aggregate"].items()}
+    for name in ("lpi-R4", "lpi-R4-Ri1"):  # the Pareto question at one budget
+        (near,) = [
+            c for c in payload["comparisons"] if c["a"] == name and "nearest" in c["question"]
+        ]
+        gaps = {d: abs(counts[d] - counts[name]) for d in counts if d.startswith("dense-")}
+        assert gaps[near["b"]] == min(gaps.values())
 
 
 def test_paired_comparison_needs_the_t_critical_value(scripts):
@@ -304,3 +311,38 @@ def test_refit_keys_at_the_runs_own_count_change_nothing(bench, tmp_path, capsys
     assert "lpi-R4" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"no run has eval-centres-7\.json"):
         centres.main([str(folder), "--centres", "7"])
+
+
+def _report(routed: list[float], oracle: float, image: float, text: float) -> dict:
+    """The parts of an eval.json that continual_centres reads, two tasks."""
+    return {
+        "final": {
+            "r1": {
+                "routed": dict(zip("ab", routed, strict=True)),
+                "oracle": {"a": oracle, "b": oracle},
+            }
+        },
+        "routing_accuracy_final": {"image": image, "text": text},
+    }
+
+
+def test_refit_gains_are_paired_by_seed(scripts, tmp_path):
+    """Made-up reports: refit minus saved routed R@1 per seed, never across seeds."""
+    centres = importlib.import_module("continual_centres")
+    folder = tmp_path / "bench"
+    made = {0: ([10.0, 12.0], [12.0, 14.0]), 1: ([20.0, 20.0], [21.0, 23.0])}  # gains 2, 2
+    for seed, (saved, refit) in made.items():
+        run = folder / "runs" / "lpi-R4" / f"seed-{seed}"
+        run.mkdir(parents=True)
+        (run / "eval.json").write_text(json.dumps(_report(saved, 30.0, 80.0, 85.0)))
+        (run / "eval-centres-20.json").write_text(json.dumps(_report(refit, 30.0, 90.0, 95.0)))
+    (folder / "runs" / "dense-J4N8" / "seed-0").mkdir(parents=True)  # no refit report: left out
+    centres.main([str(folder), "--centres", "20", "--out", str(folder / "c.json")])
+    (row,) = json.loads((folder / "c.json").read_text())["configs"]
+    assert row["config"] == "lpi-R4" and row["seeds"] == [0, 1]
+    assert row["saved"]["routed_r1"]["values"] == [11.0, 20.0]
+    assert row["refit"]["routed_r1"]["values"] == [13.0, 22.0]
+    assert row["routed_r1_gain"]["values"] == [2.0, 2.0]
+    # no spread: any non-zero mean passes, as in the report's paired test
+    assert row["routed_r1_gain"]["sem"] == 0.0 and row["routed_r1_gain"]["passes_t95"] is True
+    assert row["refit"]["image"]["mean"] == 90.0 and row["saved"]["text"]["mean"] == 85.0
