@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from benchkit import table, write_json
-from continual_report import stats
+from continual_report import cell, stats
 
 from lpi.checkpoint import load_backbone
 from lpi.continual import recall as recall_metrics
@@ -119,11 +119,6 @@ def summarise(per_manifest: list[dict], centres: list[int]) -> list[dict]:
     return summary
 
 
-def _cell(summary: dict) -> str:
-    std = summary["std"]  # None for one manifest: no spread measured
-    return f"{summary['mean']:.1f}" + ("" if std is None else f" ± {std:.1f}")
-
-
 def print_tables(per_manifest: list[dict], summary: list[dict]) -> None:
     for result in per_manifest:
         print(result["manifest"])
@@ -133,8 +128,8 @@ def print_tables(per_manifest: list[dict], summary: list[dict]) -> None:
     rows = [
         {
             "centres": row["centres"],
-            "image": _cell(row["image"]),
-            "text": _cell(row["text"]),
+            "image": cell(row["image"], 1, True),
+            "text": cell(row["text"], 1, True),
             **{t: f"{row['image_own_task'][t]:.0f}/{row['text_own_task'][t]:.0f}" for t in names},
         }
         for row in summary

@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 from benchkit import table, write_json
-from continual_report import paired, stats
+from continual_report import cell, paired, stats
 
 from lpi.continual.flags import DefaultsHelp
 
@@ -83,9 +83,8 @@ def summarise(found: dict[str, dict[int, dict]]) -> list[dict]:
     return rows
 
 
-def _cell(summary: dict) -> str:
-    std = summary["std"]
-    return f"{summary['mean']:.2f}" + ("" if std is None else f" ± {std:.2f}")
+def _routing(figures: dict) -> str:
+    return " / ".join(cell(figures[m], 2, True) for m in MODALITIES)
 
 
 def _gain(gain: dict) -> str:
@@ -103,10 +102,10 @@ def main(argv: list[str] | None = None) -> None:
         {
             "config": row["config"],
             "seeds": len(row["seeds"]),
-            "routing saved": f"{_cell(row['saved']['image'])} / {_cell(row['saved']['text'])}",
-            f"routing {k}": f"{_cell(row['refit']['image'])} / {_cell(row['refit']['text'])}",
-            "routed saved": _cell(row["saved"]["routed_r1"]),
-            f"routed {k}": _cell(row["refit"]["routed_r1"]),
+            "routing saved": _routing(row["saved"]),
+            f"routing {k}": _routing(row["refit"]),
+            "routed saved": cell(row["saved"]["routed_r1"], 2, True),
+            f"routed {k}": cell(row["refit"]["routed_r1"], 2, True),
             "gain": _gain(row["routed_r1_gain"]),
         }
         for row in rows

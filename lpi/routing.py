@@ -23,6 +23,13 @@ SAME_DIRECTION = 1e-6  # cosine distance under which two points count as one dir
 MODALITIES = ("image", "text")
 
 
+def check_clusters(clusters: int) -> int:
+    """A centre count per task and modality, refused below 1 (configs check it before any work)."""
+    if clusters < 1:
+        raise ValueError(f"key_centres: {clusters} must be at least 1")
+    return clusters
+
+
 def unit_rows(features: Tensor, width: int | None = None, name: str = "features") -> Tensor:
     """Rows scaled to unit norm, at least float32; refuses what cosine cannot rank."""
     if features.ndim != 2 or features.shape[0] == 0:
@@ -159,7 +166,7 @@ class TaskKeys:
     """
 
     def __init__(self, clusters: int = CLUSTERS, seed: int = 0) -> None:
-        self.clusters = clusters
+        self.clusters = check_clusters(clusters)
         self.seed = seed
         self._names: list[str] = []
         self._centres: dict[str, list[Tensor]] = {modality: [] for modality in MODALITIES}

@@ -93,7 +93,9 @@ def test_requests_made_are_counted_with_one_swap_and_outputs_written(server, tmp
         items_per_request=2,
         concurrency=(2,),
         duration_s=1.0,
-        swap_interval_s=0.6,
+        # One swap: the second would need the level to run 0.5 s (plus the first swap's time)
+        # past its deadline, finishing requests in flight; 0.6 s left a loaded CI machine 0.2 s.
+        swap_interval_s=0.75,
         warmup=0,
         swap_artifacts=(f"dense/{second.path.name}", f"lpi/{first.path.name}"),
     )
@@ -112,7 +114,7 @@ def test_requests_made_are_counted_with_one_swap_and_outputs_written(server, tmp
     assert level["requests_per_s"] == pytest.approx(level["requests"] / level["seconds"])
     assert level["server"]["batches"] >= 1 and level["server"]["mean_batch_rows"] >= 1
 
-    (swap,) = report["swaps"]  # the one at 0.6 s; the next would come after the run
+    (swap,) = report["swaps"]  # the one at 0.75 s; the next would come after the run
     assert swap["error"] is None and swap["changed"] and swap["version"] == second.prompt_version
     assert swap["previous"] == first.prompt_version and level["swaps"]["count"] == 1
     assert report["versions_seen"][task] == sorted([first.prompt_version, second.prompt_version])

@@ -246,3 +246,10 @@ def test_routing_accuracy():
         routing.routing_accuracy([0, 1], [0])
     with pytest.raises(ValueError, match="as many"):
         routing.routing_accuracy([], [])
+
+
+@pytest.mark.parametrize("clusters", [0, -1])
+def test_keys_refuse_a_centre_count_below_one_before_any_fit(clusters):
+    """The one check the trainer's and the evaluator's configs share."""
+    with pytest.raises(ValueError, match="key_centres"):
+        routing.TaskKeys(clusters)

@@ -103,7 +103,8 @@ def evaluate_seen(
         "routing_confusion": None,
     }
     if keys is not None:  # routing is measured even where no prompt makes it matter
-        routed_image, routed_text, result["routing_accuracy"] = _routes(backbone, keys, sets)
+        queries = {task: frozen_features(backbone, data) for task, data in sets.items()}
+        routed_image, routed_text, result["routing_accuracy"] = route_queries(keys, queries)
         result["routing_confusion"] = {
             "image": routing_confusion(routed_image),
             "text": routing_confusion(routed_text),
@@ -116,13 +117,6 @@ def evaluate_seen(
         for mode in ("oracle", "routed")
     }
     return result
-
-
-def _routes(
-    backbone: Backbone, keys: TaskKeys, sets: dict[str, TestSet]
-) -> tuple[dict[str, list[str]], dict[str, list[str]], dict[str, float]]:
-    """Each query's routed task, from its frozen features, and routing accuracy per modality."""
-    return route_queries(keys, {task: frozen_features(backbone, d) for task, d in sets.items()})
 
 
 def frozen_features(backbone: Backbone, data: TestSet) -> tuple[Tensor, Tensor]:

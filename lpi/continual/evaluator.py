@@ -41,6 +41,7 @@ from lpi.continual.run_state import (
 )
 from lpi.continual.trainer import default_device
 from lpi.prompts import PromptBank
+from lpi.routing import check_clusters
 
 log = logging.getLogger("lpi.evaluate")
 REPORT = "eval.json"
@@ -61,8 +62,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run", Path(self.run))
-        if self.key_centres is not None and self.key_centres < 1:
-            raise ValueError(f"key_centres: {self.key_centres} must be at least 1")
+        if self.key_centres is not None:
+            check_clusters(self.key_centres)
         if self.manifest is not None:
             object.__setattr__(self, "manifest", Path(self.manifest))
 
@@ -110,10 +111,12 @@ def evaluate_run(config: EvalConfig) -> dict:
     records = read_manifest(config.manifest or state.config.manifest)
     size = backbone.config.vision.image_size
     tests = {t: make_test_set(*eval_set(select(records, t, "test"), size)) for t in state.done}
-    keys, keys_saved = load_keys(run), config.key_centres is None
-    if config.key_centres is not None:
+    keys_saved, centres = config.key_centres is None, config.key_centres
+    if centres is None:
+        keys = load_keys(run)
+    else:
         train = {t: key_features(backbone, select(records, t, "train")) for t in state.done}
-        keys = fit_keys(train, config.key_centres)
+        keys = fit_keys(train, centres)
     final = evaluate_seen(backbone, final_bank(run, state, backbone, device), keys, tests)
     report: dict = json_safe(
         {

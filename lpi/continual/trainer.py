@@ -54,7 +54,7 @@ from lpi.continual.run_state import (
     save_task,
 )
 from lpi.prompts import PromptBank
-from lpi.routing import CLUSTERS, TaskKeys
+from lpi.routing import CLUSTERS, TaskKeys, check_clusters
 
 log = logging.getLogger("lpi.train")
 
@@ -98,8 +98,7 @@ class TrainConfig:
             raise ValueError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
         if self.eval_split not in ("val", "test"):
             raise ValueError(f"eval_split: {self.eval_split!r} is not 'val' or 'test'")
-        if self.key_centres < 1:
-            raise ValueError(f"key_centres: {self.key_centres} must be at least 1")
+        check_clusters(self.key_centres)
         object.__setattr__(self, "manifest", Path(self.manifest))
         object.__setattr__(self, "out", Path(self.out))
         if self.similarity is not None:
